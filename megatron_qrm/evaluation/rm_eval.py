@@ -1,0 +1,190 @@
+"""`qrm eval-rm`: pairwise accuracy and margin of a trained reward model on a preference file, and
+optionally every response token's credit (token text + score) for inspection."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_qrm import checkpointing, parallel
+from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
+from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
+from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
+from megatron_qrm.models.lora import lora_disabled
+from megatron_qrm.rewards.scoring import RewardLossConfig, reference_logps_forward_step, token_credit_forward_step
+from megatron_qrm.training.engine import run_global_batch
+
+
+@dataclass
+class RMEvalConfig:
+    load: str
+    data: str
+    tokenizer: Optional[str] = None
+    seq_length: Optional[int] = None
+    instruction_field: str = "instruction"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    chat_template: Optional[bool] = None
+    skip_long_prompts: bool = False
+    split: str = "train"
+    max_pairs: Optional[int] = None
+    micro_batch_size: int = 4
+    output: Optional[str] = None
+    dump_token_scores: Optional[str] = None
+    reference_checkpoint: Optional[str] = None
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    bf16: bool = False
+
+
+def _is_writer() -> bool:
+    """The rank that holds scores (last PP stage) and writes results: its DP/TP rank 0."""
+    return (ps.is_pipeline_last_stage() and ps.get_data_parallel_rank() == 0
+            and ps.get_tensor_model_parallel_rank() == 0)
+
+
+def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
+    parallel.initialize(cfg.parallel)
+    saved = checkpointing.read_config(cfg.load)
+    model_cfg = ModelConfig.from_dict(saved["model"])
+    check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
+    loss_cfg = RewardLossConfig(**saved.get("reward_loss", {}))
+    tokenizer_path = cfg.tokenizer or saved.get("tokenizer")
+    if not tokenizer_path:
+        raise ValueError("--tokenizer is required: the checkpoint does not record one")
+    tokenizer = load_tokenizer(tokenizer_path)
+    data_cfg = PreferenceDataConfig(
+        path=cfg.data, instruction_field=cfg.instruction_field, chosen_field=cfg.chosen_field,
+        rejected_field=cfg.rejected_field,
+        chat_template=saved.get("chat_template", False) if cfg.chat_template is None else cfg.chat_template,
+        seq_length=cfg.seq_length or saved.get("seq_length", 1024), skip_long_prompts=cfg.skip_long_prompts,
+        split=cfg.split, max_pairs=cfg.max_pairs)
+    dataset = PreferenceDataset(data_cfg, tokenizer)
+    if len(dataset) == 0:
+        raise ValueError(f"--data {cfg.data}: no usable pairs ({dataset.stats})")
+
+    lora = LoRAConfig(**{k: (tuple(v) if k == "targets" else v) for k, v in saved.get("lora", {}).items()})
+    model = build_model(model_cfg, loss_cfg.role, precision=PrecisionConfig(bf16=cfg.bf16), lora=lora,
+                        sequence_parallel=cfg.parallel.sequence_parallel)
+    checkpointing.load_checkpoint(cfg.load, model, load_rng=False)
+    model.eval()
+
+    reference = None
+    if loss_cfg.kind == "dpo" and not lora.enabled:
+        if not cfg.reference_checkpoint:
+            raise ValueError("a full fine-tuned DPO-RM needs its reference model: pass --reference-checkpoint")
+        reference = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.bf16),
+                                sequence_parallel=cfg.parallel.sequence_parallel)
+        checkpointing.load_checkpoint(cfg.reference_checkpoint, reference, load_rng=False,
+                                      model_key_filter=lambda k: ".lora." not in k)
+        reference.eval()
+
+    pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    n = len(dataset)
+    mine = list(range(dp_rank, n, dp_size))
+    chunks = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+    steps = torch.tensor([len(chunks)])
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+
+    chosen = torch.zeros(n, dtype=torch.float64)
+    rejected = torch.zeros(n, dtype=torch.float64)
+    valid = torch.zeros(n, dtype=torch.float64)
+    dumps: list[dict] = []
+    step_fn = token_credit_forward_step(loss_cfg)
+    with torch.no_grad():
+        for s in range(int(steps)):
+            real = s < len(chunks)
+            idx = chunks[s] if real else (chunks[0][:1] if chunks else [0])
+            batch = collate_pairs([dataset[i] for i in idx], tokenizer.pad_id, pad_multiple, indices=idx)
+            if loss_cfg.kind == "dpo":
+                batch.update(_reference_logps(model, reference, batch))
+            outs = run_global_batch(model, step_fn, [batch], forward_only=True)
+            if not real:
+                continue
+            for out in outs:
+                ix = out["index"].cpu()
+                chosen[ix] = out["chosen_score"].double().cpu()
+                rejected[ix] = out["rejected_score"].double().cpu()
+                valid[ix] = out["valid"].double().cpu()
+                if cfg.dump_token_scores:
+                    dumps.extend(_token_rows(dataset, tokenizer, ix.tolist(), batch, out["token_credits"].cpu()))
+
+    if ps.is_pipeline_last_stage():
+        for t in (chosen, rejected, valid):
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        if cfg.dump_token_scores and dp_size > 1:
+            gathered = [None] * dp_size
+            dist.all_gather_object(gathered, dumps, group=ps.get_data_parallel_group())
+            dumps = [row for part in gathered for row in part]
+    result = None
+    if _is_writer():
+        v = valid.bool()
+        nv = int(v.sum())
+        margin = (chosen - rejected)[v]
+        result = {
+            "pairwise_accuracy": float((margin > 0).double().mean()) if nv else float("nan"),
+            "mean_margin": float(margin.mean()) if nv else float("nan"),
+            "mean_chosen_score": float(chosen[v].mean()) if nv else float("nan"),
+            "mean_rejected_score": float(rejected[v].mean()) if nv else float("nan"),
+            "pairs": n,
+            "valid_pairs": nv,
+            "truncated_pairs": dataset.stats.get("truncated", 0),
+            "skipped_pairs": dataset.stats.get("skipped_long_prompt", 0),
+            "reward_loss": loss_cfg.kind,
+            "checkpoint": checkpointing.resolve_checkpoint(cfg.load),
+            "data": cfg.data,
+        }
+        if cfg.dump_token_scores:
+            dumps.sort(key=lambda r: (r["index"], r["side"] != "chosen"))
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.dump_token_scores)), exist_ok=True)
+            with open(cfg.dump_token_scores, "w") as f:
+                for row in dumps:
+                    f.write(json.dumps(row) + "\n")
+            result["token_scores"] = cfg.dump_token_scores
+        out_path = cfg.output
+        if out_path:
+            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+            with open(out_path, "w") as f:
+                json.dump(result, f, indent=2)
+        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}),
+              flush=True)
+    parallel.barrier()
+    return result
+
+
+def _reference_logps(model, reference, batch) -> dict[str, torch.Tensor]:
+    """Reference per-token log-probs for a DPO-RM batch: the LoRA base, or a separate model."""
+    step = reference_logps_forward_step()
+    if reference is None:
+        with lora_disabled(model):
+            outs = run_global_batch(model, step, [batch], forward_only=True)
+    else:
+        outs = run_global_batch(reference, step, [batch], forward_only=True)
+    if not outs:  # not the last stage: the loss function (which needs them) does not run here
+        zeros = torch.zeros(batch["tokens"].shape, dtype=torch.float32)
+        return {"ref_logps": zeros, "ref_logps_sum": zeros.sum(1)}
+    return {"ref_logps": outs[0]["ref_logps"].cpu(), "ref_logps_sum": outs[0]["ref_logps_sum"].cpu()}
+
+
+def _token_rows(dataset, tokenizer, indices, batch, credits) -> list[dict]:
+    """Per response token: its text and credit, for the chosen and rejected side of each pair."""
+    rows = []
+    b = len(indices)
+    mask = batch["response_mask"].bool()
+    for j, i in enumerate(indices):  # once per pair, for a human-readable dump (not a training path)
+        pair = dataset[i]
+        for side, row in (("chosen", j), ("rejected", b + j)):
+            ids = batch["tokens"][row][mask[row]].tolist()
+            scores = credits[row][mask[row]].tolist()
+            rows.append({"index": i, "side": side, "tokens": tokenizer.token_texts(ids),
+                         "scores": [round(x, 6) for x in scores],
+                         "mean_score": sum(scores) / len(scores) if scores else None,
+                         "prompt": tokenizer.decode(pair.prompt_ids)})
+    return rows

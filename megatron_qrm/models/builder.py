@@ -1,0 +1,159 @@
+"""One builder for every model role.
+
+* ``policy``: GPTModel with its LM head (logits over the padded vocabulary, vocab-parallel).
+* ``reward`` / ``critic``: the same backbone with a :class:`TokenHead` (hidden -> 1) in place of the
+  output layer; present only on the last pipeline stage, replicated across TP.
+
+The layer spec is Transformer Engine's when TE imports and CUDA is present, megatron-core's local
+spec otherwise; the choice and its reason are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+from megatron_qrm.config import ROLES, ModelConfig, padded_vocab_size
+from megatron_qrm.models.lora import LoRAConfig, apply_lora
+from megatron_qrm.models.token_head import TokenHead
+
+log = logging.getLogger("megatron_qrm")
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+
+    @property
+    def params_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+
+def transformer_impl_available() -> tuple[bool, str]:
+    """Whether the Transformer Engine spec can be used here, and why (logged)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:  # a partial TE install raises RuntimeError/OSError, not only ImportError
+        import transformer_engine  # noqa: F401
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return False, f"transformer_engine not importable ({type(e).__name__}: {e})"
+    return True, "transformer_engine importable and CUDA present"
+
+
+def layer_spec(transformer_impl: str = "auto"):
+    """The transformer layer spec: 'te', 'local', or 'auto' (TE when available)."""
+    use_te, reason = transformer_impl_available()
+    if transformer_impl == "te" and not use_te:
+        raise RuntimeError(f"--transformer-impl te requested but unavailable: {reason}")
+    if transformer_impl == "local":
+        use_te, reason = False, "--transformer-impl local"
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        log.info("layer spec: Transformer Engine (%s)", reason)
+        return get_gpt_layer_with_transformer_engine_spec(), "te"
+    log.info("layer spec: megatron-core local (%s)", reason)
+    return get_gpt_layer_local_spec(normalization="RMSNorm"), "local"
+
+
+def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequence_parallel: bool = False,
+                       calculate_per_token_loss: bool = True) -> TransformerConfig:
+    on_cpu = not torch.cuda.is_available()
+    tp = ps.get_tensor_model_parallel_world_size()
+    pp = ps.get_pipeline_model_parallel_world_size()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        bf16=precision.bf16,
+        params_dtype=precision.params_dtype,
+        pipeline_dtype=precision.params_dtype,
+        autocast_dtype=precision.params_dtype,
+        # micro-batches are padded to their own longest sequence, so PP stages exchange shapes.
+        variable_seq_lengths=pp > 1,
+        moe_token_dispatcher_type="alltoall",  # (dense model) the default one rejects variable_seq_lengths
+        calculate_per_token_loss=calculate_per_token_loss,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        # fused kernels that need CUDA/apex
+        bias_dropout_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        persist_layer_norm=not on_cpu,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+
+
+def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | None = None,
+                lora: LoRAConfig | None = None, sequence_parallel: bool = False,
+                transformer_impl: str = "auto") -> GPTModel:
+    """Build this rank's pipeline stage of a model for ``role`` (see module docstring).
+
+    Parameters are created on the current device. With LoRA, base weights are frozen and only the
+    adapters (and, for reward/critic, the token head) train.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
+    precision = precision or PrecisionConfig()
+    tcfg = transformer_config(model, precision, sequence_parallel=sequence_parallel)
+    spec, impl = layer_spec(transformer_impl)
+    tp = ps.get_tensor_model_parallel_world_size()
+    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
+    scored = role in ("reward", "critic")
+    gpt = GPTModel(
+        config=tcfg,
+        transformer_layer_spec=spec,
+        vocab_size=vocab,
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=ps.is_pipeline_first_stage(),
+        post_process=ps.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings and not scored,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 8.0,
+    )
+    gpt.transformer_impl = impl
+    if scored and gpt.post_process:
+        # the head replaces the LM head: GPTModel's post-processing then returns [b, s, 1] scores
+        gpt.output_layer = TokenHead(tcfg, model.hidden_size)
+    if lora is not None and lora.enabled:
+        for p in gpt.parameters():
+            p.requires_grad_(False)
+        apply_lora(gpt, lora)
+        if scored and gpt.post_process:
+            gpt.output_layer.weight.requires_grad_(True)
+    if torch.cuda.is_available():
+        gpt.cuda(torch.cuda.current_device())
+    return gpt
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameters of this rank's shard."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

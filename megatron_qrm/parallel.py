@@ -1,0 +1,94 @@
+"""Process groups, device selection and seeding.
+
+One entry point, :func:`initialize`, used by every command: it picks NCCL + CUDA when a GPU is
+present and gloo + CPU (with :mod:`megatron_qrm.cpu` emulation) otherwise, then sets up
+megatron-core's tensor/pipeline/data-parallel groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from megatron_qrm.config import ParallelConfig
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
+
+
+def initialize(par: ParallelConfig) -> None:
+    """Initialise torch.distributed (env:// from torchrun, or a 1-process group) and Megatron groups."""
+    if not use_cuda():
+        from megatron_qrm import cpu
+
+        cpu.enable()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python -m ...` / `qrm ...`: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if use_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(
+            backend="nccl" if use_cuda() else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+    )
+    set_seed(par.seed)
+
+
+def set_seed(seed: int) -> None:
+    """Same seed on every rank for Python/NumPy/torch; megatron's tracker gives TP ranks distinct
+    model-parallel streams (dropout inside TP regions) and a shared data-parallel stream."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def is_last_stage() -> bool:
+    return ps.is_pipeline_last_stage()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def destroy() -> None:
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

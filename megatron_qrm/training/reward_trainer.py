@@ -1,0 +1,263 @@
+"""`qrm train-rm`: train a Q-RM (or an ORM / DPO-RM baseline) on preference pairs.
+
+Read top to bottom: set up parallelism -> tokenizer and data -> model (+LoRA) -> DDP, optimizer,
+schedule -> load/resume -> (DPO: reference log-probs) -> loop over global batches -> checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_qrm import checkpointing, parallel
+from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
+from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
+from megatron_qrm.data.sampler import GlobalBatchSampler
+from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
+from megatron_qrm.models.lora import is_lora_param
+from megatron_qrm.rewards.scoring import (
+    METRIC_NAMES,
+    RewardLossConfig,
+    reference_logps_forward_step,
+    train_forward_step,
+)
+from megatron_qrm.training.engine import OptimConfig, build_optimizer, reduce_metric_sums, run_global_batch, wrap_ddp
+from megatron_qrm.training.metrics_log import MetricsLogger
+
+log = logging.getLogger("megatron_qrm")
+DPO_REFERENCE_FILE = "dpo_reference_logps.pt"
+
+
+@dataclass
+class RewardTrainConfig:
+    model: Optional[ModelConfig]  # None -> taken from --load / --pretrained-checkpoint
+    data: PreferenceDataConfig
+    tokenizer: Optional[str]
+    loss: RewardLossConfig = field(default_factory=RewardLossConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    micro_batch_size: int = 2  # pairs
+    global_batch_size: int = 2  # pairs
+    train_iters: int = 100
+    shuffle: bool = True
+    load: Optional[str] = None
+    pretrained_checkpoint: Optional[str] = None
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    keep_last: Optional[int] = None
+    log_interval: int = 1
+    log_dir: Optional[str] = None
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    transformer_impl: str = "auto"
+    exit_interval: Optional[int] = None  # stop (after saving) at this iteration: for tests/preemption
+
+
+def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer_path: str) -> dict[str, Any]:
+    return {
+        "kind": "reward_model",
+        "role": cfg.loss.role,
+        "model": model_cfg.to_dict(),
+        "tokenizer": os.path.abspath(tokenizer_path) if os.path.exists(tokenizer_path) else tokenizer_path,
+        "lora": dataclasses.asdict(cfg.lora),
+        "reward_loss": dataclasses.asdict(cfg.loss),
+        "chat_template": cfg.data.chat_template,
+        "seq_length": cfg.data.seq_length,
+        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "path"},
+    }
+
+
+def resolve_model_and_tokenizer(cfg: RewardTrainConfig) -> tuple[ModelConfig, str, Optional[dict]]:
+    """Model config and tokenizer: explicit flags, else from the checkpoint being loaded."""
+    saved = None
+    for path in (cfg.load, cfg.pretrained_checkpoint):
+        if path and checkpointing.resolve_checkpoint(path):
+            saved = checkpointing.read_config(path)
+            break
+    model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
+    if model_cfg is None:
+        raise ValueError("no model size given: pass --model PRESET or --num-layers/--hidden-size/... , "
+                         "or --load / --pretrained-checkpoint a checkpoint that records it")
+    tokenizer = cfg.tokenizer or (saved or {}).get("tokenizer")
+    if tokenizer is None:
+        raise ValueError("--tokenizer is required (HF tokenizer directory or SentencePiece .model)")
+    return model_cfg, tokenizer, saved
+
+
+def _dp_info() -> tuple[int, int]:
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def _collate(dataset: PreferenceDataset, indices, pad_id: int, pad_multiple: int,
+             ref_sums: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+    idx = [int(i) for i in indices]
+    batch = collate_pairs([dataset[i] for i in idx], pad_id, pad_multiple, indices=idx)
+    if ref_sums is not None:  # [N, 2] (chosen, rejected) -> [2B] in the batch's row order
+        sel = ref_sums[torch.as_tensor(idx)]
+        batch["ref_logps_sum"] = torch.cat([sel[:, 0], sel[:, 1]])
+    return batch
+
+
+def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size: int, pad_id: int,
+                            pad_multiple: int, logger: MetricsLogger) -> Optional[torch.Tensor]:
+    """Sum of reference log-probs over each response, [N, 2] (chosen, rejected), on the last stage.
+
+    The reference is the model as it is now (before any update): DPO-RM starts from it. Pairs are
+    split across data-parallel ranks and summed back.
+    """
+    dp_rank, dp_size = _dp_info()
+    n = len(dataset)
+    sums = torch.zeros(n, 2, dtype=torch.float64)
+    mine = list(range(dp_rank, n, dp_size))
+    chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    # every DP rank must run the same number of schedule passes (collectives inside)
+    steps = torch.tensor([len(chunks)])
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    model.eval()
+    logger.message(f"DPO-RM: computing reference log-probs for {n} pairs")
+    with torch.no_grad():
+        for s in range(int(steps)):
+            idx = chunks[s] if s < len(chunks) else chunks[0][:1] if chunks else [0]
+            mb = _collate(dataset, idx, pad_id, pad_multiple, None)
+            outs = run_global_batch(model, reference_logps_forward_step(), [mb], forward_only=True)
+            if s < len(chunks):
+                for out in outs:
+                    b = out["index"].numel()
+                    r = out["ref_logps_sum"].double().cpu()
+                    sums[out["index"].cpu(), 0] = r[:b]
+                    sums[out["index"].cpu(), 1] = r[b:]
+    model.train()
+    if ps.is_pipeline_last_stage():
+        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        return sums.float()
+    return None
+
+
+def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
+    # ---- parallel state ----
+    parallel.initialize(cfg.parallel)
+    model_cfg, tokenizer_path, saved = resolve_model_and_tokenizer(cfg)
+    check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
+    if saved and cfg.load and saved.get("reward_loss", {}).get("kind", cfg.loss.kind) != cfg.loss.kind:
+        raise ValueError(f"--load {cfg.load} was trained with --reward-loss {saved['reward_loss']['kind']}, "
+                         f"not {cfg.loss.kind}")
+    rank0 = parallel.is_rank0()
+    logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=rank0, tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
+                           total_steps=cfg.train_iters, desc=f"train-rm ({cfg.loss.kind})",
+                           run_config={"model": model_cfg.to_dict(), "loss": dataclasses.asdict(cfg.loss)})
+
+    # ---- tokenizer and data ----
+    tokenizer = load_tokenizer(tokenizer_path)
+    if model_cfg.vocab_size == 0:
+        model_cfg.vocab_size = tokenizer.vocab_size
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary is {model_cfg.vocab_size} (--vocab-size)")
+    dataset = PreferenceDataset(cfg.data, tokenizer)
+    logger.message(f"data {cfg.data.path}: {dataset.stats}")
+    if len(dataset) == 0:
+        raise ValueError(f"--train-data {cfg.data.path}: no usable preference pairs ({dataset.stats})")
+    pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
+    dp_rank, dp_size = _dp_info()
+    sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
+                                 seed=cfg.parallel.seed, shuffle=cfg.shuffle)
+
+    # ---- model, DDP, optimizer ----
+    model = build_model(model_cfg, cfg.loss.role, precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
+                        sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl)
+    total, trainable = count_parameters(model)
+    logger.message(f"model: role={cfg.loss.role} layer spec={model.transformer_impl} "
+                   f"params (this rank)={total:,} trainable={trainable:,} lora_rank={cfg.lora.rank}")
+    ddp = wrap_ddp(model, cfg.optim)
+    optimizer, scheduler = build_optimizer(ddp, cfg.optim, cfg.train_iters)
+
+    # ---- load / resume ----
+    state = checkpointing.TrainState()
+    ref_sums = None
+    resume_dir = checkpointing.resolve_checkpoint(cfg.load) if cfg.load else None
+    if cfg.load and resume_dir is None and not cfg.pretrained_checkpoint and cfg.load != cfg.save:
+        raise FileNotFoundError(f"--load {cfg.load}: no complete checkpoint there")
+    if resume_dir:
+        _, loaded_state = checkpointing.load_checkpoint(resume_dir, ddp, optimizer=optimizer, scheduler=scheduler)
+        state = loaded_state or state
+        ref_sums = checkpointing.load_extra_file(resume_dir, DPO_REFERENCE_FILE)
+        logger.message(f"resumed from {resume_dir} at iteration {state.iteration}")
+    elif cfg.pretrained_checkpoint:
+        # a base model: its transformer weights; the token head and LoRA adapters start fresh
+        scored = cfg.loss.role == "reward"
+        keep = lambda k: not is_lora_param(k) and not (scored and k.startswith("output_layer."))  # noqa: E731
+        checkpointing.load_checkpoint(cfg.pretrained_checkpoint, ddp, load_rng=False, model_key_filter=keep)
+        logger.message(f"initialised from {cfg.pretrained_checkpoint} (fresh head/adapters)")
+    if cfg.loss.kind == "dpo" and ref_sums is None and not (resume_dir and not ps.is_pipeline_last_stage()):
+        ref_sums = compute_reference_logps(ddp, dataset, cfg.micro_batch_size, tokenizer.pad_id, pad_multiple, logger)
+
+    ckpt_config = _checkpoint_config(cfg, model_cfg, tokenizer_path)
+
+    def save(iteration: int) -> None:
+        if cfg.save:
+            path = checkpointing.save_checkpoint(
+                cfg.save, iteration, ddp, ckpt_config, optimizer=optimizer, scheduler=scheduler, train_state=state,
+                extra_files={DPO_REFERENCE_FILE: ref_sums} if ref_sums is not None else None,
+                keep_last=cfg.keep_last)
+            logger.message(f"saved checkpoint {path}")
+
+    # ---- training loop ----
+    forward_step = train_forward_step(cfg.loss)
+    logger.start_step = state.iteration  # progress bar resumes where the run stopped
+    last: dict[str, float] = {}
+    ddp.train()
+    while state.iteration < cfg.train_iters:
+        t0 = time.time()
+        micro = [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums)
+                 for idx in sampler.microbatches(state.consumed_samples)]
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        outputs = run_global_batch(ddp, forward_step, micro, forward_only=False)
+        sums = reduce_metric_sums(outputs, METRIC_NAMES)
+        if sums["num_valid"] > 0:
+            ok, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+        else:  # as the reference: a batch without a valid pair takes no step
+            ok, grad_norm = False, 0.0
+        state.iteration += 1
+        state.consumed_samples += cfg.global_batch_size
+        elapsed = time.time() - t0
+        tokens = torch.tensor(float(sum(mb["tokens"].numel() for mb in micro)))
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        n = max(sums["num_valid"], 1.0)
+        last = {
+            "loss": sums["loss_sum"] / n,
+            "accuracy": sums["correct"] / n,
+            "chosen_score": sums["chosen_score_sum"] / n,
+            "rejected_score": sums["rejected_score_sum"] / n,
+            "margin": (sums["chosen_score_sum"] - sums["rejected_score_sum"]) / n,
+            "valid_pairs": sums["num_valid"],
+            "grad_norm": float(grad_norm or 0.0),
+            "lr": scheduler.get_lr(optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else cfg.optim.lr,
+            "tokens_per_s": float(tokens) / max(elapsed, 1e-9),
+            "step_time_s": elapsed,
+            "epoch": sampler.epoch_of(state.consumed_samples),
+        }
+        if state.iteration % cfg.log_interval == 0 or state.iteration == cfg.train_iters:
+            logger.log(state.iteration, last)
+        if cfg.save_interval and state.iteration % cfg.save_interval == 0 and state.iteration < cfg.train_iters:
+            save(state.iteration)
+        if cfg.exit_interval and state.iteration % cfg.exit_interval == 0 and state.iteration < cfg.train_iters:
+            save(state.iteration)
+            logger.message(f"exit interval reached at iteration {state.iteration}")
+            logger.close()
+            return last
+    save(state.iteration)
+    logger.close()
+    return last
