@@ -1,0 +1,27 @@
+"""Tokenizers, raw record sources and the preference-pair dataset with its collation."""
+
+from .preference import (
+    TOKENIZE_CHUNK,
+    PreferenceDataConfig,
+    PreferenceDataset,
+    TokenizedPair,
+    collate_pairs,
+    pad_multiple_for,
+)
+from .sources import DataError, read_records
+from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "DataError",
+    "HFTokenizer",
+    "PreferenceDataConfig",
+    "PreferenceDataset",
+    "SentencePieceTokenizer",
+    "TOKENIZE_CHUNK",
+    "TokenizedPair",
+    "Tokenizer",
+    "collate_pairs",
+    "load_tokenizer",
+    "pad_multiple_for",
+    "read_records",
+]

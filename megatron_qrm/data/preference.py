@@ -1,0 +1,286 @@
+"""Preference pairs ``(instruction, chosen, rejected)`` -> token ids -> padded training batches.
+
+Sequence layout (Q-RM reference, ``docs/qrm-method.md`` §1.3)::
+
+    [BOS] prompt ... | chosen response ... EOS | pad ...
+    [BOS] prompt ... | rejected response ... EOS | pad ...
+
+* the prompt is the instruction, or the tokenizer's chat template applied to it (``--chat-template``);
+  BOS is prepended only when the tokenizer uses one and the rendered text does not already contain it;
+* each response is encoded on its own and followed by EOS;
+* with ``L = --seq-length`` the prompt is kept whole and each response is cut from its end so that
+  ``len(prompt) + len(response) <= L`` (the EOS is lost then). A prompt of ``L`` tokens or more leaves no
+  room for a response: that is an error, or with ``--skip-long-prompts`` the pair is skipped and counted.
+  (The reference cuts such a prompt and trains on an empty response, which it then ignores in the loss.)
+
+:class:`PreferenceDataset` tokenises everything eagerly, in batches, and stores ids compactly (int32
+arrays, each distinct prompt once: preference sets repeat the same question for many response pairs).
+:func:`collate_pairs` builds the ``[2B, S]`` batch the reward model's forward and loss consume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import overload
+
+import numpy as np
+import torch
+
+from .sources import DataError, read_records
+from .tokenizer import Tokenizer
+
+#: Records tokenised per backend call; large enough to amortise the call, small enough to stay cheap.
+TOKENIZE_CHUNK = 512
+
+
+@dataclass
+class PreferenceDataConfig:
+    """Where the pairs are and how to turn them into token ids (mirrors the CLI data flags)."""
+
+    path: str
+    instruction_field: str = "instruction"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    chat_template: bool = False
+    seq_length: int = 1024
+    skip_long_prompts: bool = False
+    split: str = "train"
+    max_pairs: int | None = None
+
+
+@dataclass
+class TokenizedPair:
+    """One tokenised preference pair.
+
+    Attributes:
+        prompt_ids: prompt ids, BOS included when the tokenizer uses one.
+        chosen_ids: chosen-response ids with EOS appended, after truncation.
+        rejected_ids: rejected-response ids with EOS appended, after truncation.
+        truncated: whether either response was cut to fit ``seq_length``.
+    """
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool
+
+
+def _text_field(record: dict, field: str, loc: str) -> str:
+    """The string value of ``record[field]``; a list value contributes its first element (as the reference)."""
+    if field not in record:
+        fields = ", ".join(repr(k) for k in record) or "none"
+        raise DataError(f"{loc}: missing field {field!r} (the record has fields: {fields})")
+    value = record[field]
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise DataError(f"{loc}: field {field!r} must be a string, got an empty list")
+        value = value[0]
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise DataError(f"{loc}: field {field!r} must be a string, got {kind}")
+    return value
+
+
+class PreferenceDataset:
+    """Tokenised preference pairs, built eagerly from ``cfg.path``; a read-only sequence of
+    :class:`TokenizedPair`.
+
+    Attributes:
+        stats: ``{"records": records read, "pairs": pairs kept, "truncated": kept pairs with a cut
+            response, "skipped_long_prompt": pairs skipped because the prompt did not fit}``.
+        locations: where each kept pair came from (``FILE:LINE`` / ``FILE:row N``), aligned with indices.
+    """
+
+    def __init__(self, cfg: PreferenceDataConfig, tokenizer: Tokenizer) -> None:
+        if cfg.seq_length < 2:
+            raise ValueError(f"--seq-length must be at least 2, got {cfg.seq_length}")
+        if cfg.max_pairs is not None and cfg.max_pairs < 1:
+            raise ValueError(f"max_pairs must be a positive number or None, got {cfg.max_pairs}")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.stats: dict[str, int] = {"records": 0, "pairs": 0, "truncated": 0, "skipped_long_prompt": 0}
+        self.locations: list[str] = []
+        # Compact storage: distinct prompts once, responses as int32 arrays; lists are built on access.
+        self._prompts: list[np.ndarray] = []
+        self._prompt_index: dict[str, int] = {}  # rendered prompt text -> index into _prompts
+        self._render_cache: dict[str, tuple[str, bool]] = {}  # instruction -> render_prompt(...)
+        self._pair_prompt: list[int] = []
+        self._chosen: list[np.ndarray] = []
+        self._rejected: list[np.ndarray] = []
+        self._truncated: list[bool] = []
+
+        chunk: list[tuple[str, str, str, str]] = []
+        for loc, record in read_records(cfg.path, cfg.split):
+            self.stats["records"] += 1
+            chunk.append(
+                (
+                    loc,
+                    _text_field(record, cfg.instruction_field, loc),
+                    _text_field(record, cfg.chosen_field, loc),
+                    _text_field(record, cfg.rejected_field, loc),
+                )
+            )
+            # With max_pairs, never read more records than could still be kept, so that "records" is the
+            # number actually consumed and the file is not read past what is needed.
+            room = None if cfg.max_pairs is None else cfg.max_pairs - len(self._chosen)
+            if len(chunk) >= TOKENIZE_CHUNK or (room is not None and len(chunk) >= room):
+                self._add_chunk(chunk)
+                chunk = []
+                if cfg.max_pairs is not None and len(self._chosen) >= cfg.max_pairs:
+                    break
+        if chunk:
+            self._add_chunk(chunk)
+        # Only needed while building; the texts can be large.
+        self._render_cache.clear()
+        self._prompt_index.clear()
+        self.stats["pairs"] = len(self._chosen)
+        if not self._chosen:
+            raise DataError(
+                f"{cfg.path}: no preference pairs (records read: {self.stats['records']}, skipped for long "
+                f"prompts: {self.stats['skipped_long_prompt']})"
+            )
+
+    def _render(self, instruction: str) -> tuple[str, bool]:
+        cached = self._render_cache.get(instruction)
+        if cached is None:
+            cached = self.tokenizer.render_prompt(instruction, self.cfg.chat_template)
+            self._render_cache[instruction] = cached
+        return cached
+
+    def _add_chunk(self, chunk: list[tuple[str, str, str, str]]) -> None:
+        """Tokenise one chunk of ``(location, instruction, chosen, rejected)`` in a single backend call."""
+        tok, L = self.tokenizer, self.cfg.seq_length
+        rendered = [self._render(instruction) for _, instruction, _, _ in chunk]
+        new_prompts = list(dict.fromkeys(t for t, _ in rendered if t not in self._prompt_index))
+        texts = new_prompts + [c for _, _, c, _ in chunk] + [r for _, _, _, r in chunk]
+        ids = tok.encode_batch(texts)
+        contains_bos = dict(rendered)
+        for text, prompt_ids in zip(new_prompts, ids[: len(new_prompts)]):
+            # Prepend BOS unless the tokenizer has none or the template text already carries it.
+            if tok.bos_id is not None and not contains_bos[text]:
+                prompt_ids = [tok.bos_id] + prompt_ids
+            self._prompt_index[text] = len(self._prompts)
+            self._prompts.append(np.asarray(prompt_ids, dtype=np.int32))
+        n = len(chunk)
+        chosen_ids, rejected_ids = ids[len(new_prompts) : len(new_prompts) + n], ids[len(new_prompts) + n :]
+        for (loc, _, _, _), (text, _), c_ids, r_ids in zip(chunk, rendered, chosen_ids, rejected_ids):
+            p_idx = self._prompt_index[text]
+            p_len = len(self._prompts[p_idx])
+            if p_len >= L:
+                if self.cfg.skip_long_prompts:
+                    self.stats["skipped_long_prompt"] += 1
+                    continue
+                raise DataError(
+                    f"{loc}: the prompt is {p_len} tokens long, which leaves no room for a response within "
+                    f"--seq-length {L}; raise --seq-length or pass --skip-long-prompts to skip such pairs"
+                )
+            budget = L - p_len
+            c_ids, r_ids = c_ids + [tok.eos_id], r_ids + [tok.eos_id]
+            truncated = len(c_ids) > budget or len(r_ids) > budget
+            self._pair_prompt.append(p_idx)
+            self._chosen.append(np.asarray(c_ids[:budget], dtype=np.int32))
+            self._rejected.append(np.asarray(r_ids[:budget], dtype=np.int32))
+            self._truncated.append(truncated)
+            self.locations.append(loc)
+            self.stats["truncated"] += int(truncated)
+
+    def __len__(self) -> int:
+        return len(self._chosen)
+
+    @overload
+    def __getitem__(self, i: int) -> TokenizedPair: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[TokenizedPair]: ...
+
+    def __getitem__(self, i: int | slice) -> TokenizedPair | list[TokenizedPair]:
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not isinstance(i, (int, np.integer)):
+            raise TypeError(f"PreferenceDataset indices must be integers, got {type(i).__name__}")
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"pair index {i} out of range for {len(self)} pairs")
+        return TokenizedPair(
+            prompt_ids=self._prompts[self._pair_prompt[i]].tolist(),
+            chosen_ids=self._chosen[i].tolist(),
+            rejected_ids=self._rejected[i].tolist(),
+            truncated=self._truncated[i],
+        )
+
+    def __iter__(self) -> Iterator[TokenizedPair]:
+        return (self[i] for i in range(len(self)))
+
+    def __repr__(self) -> str:
+        return f"PreferenceDataset({self.cfg.path!r}, {self.stats})"
+
+
+def pad_multiple_for(tensor_parallel_size: int, sequence_parallel: bool, base: int = 8) -> int:
+    """The multiple to pad sequence lengths to.
+
+    ``base`` keeps matmul shapes friendly; with sequence parallelism the sequence is also split across
+    the ``tensor_parallel_size`` ranks, so it must be divisible by it too: ``lcm(base, tp)``. Without
+    sequence parallelism the sequence is not split and ``base`` is returned.
+    """
+    if tensor_parallel_size < 1 or base < 1:
+        raise ValueError(f"tensor_parallel_size and base must be >= 1, got {tensor_parallel_size}, {base}")
+    return math.lcm(base, tensor_parallel_size) if sequence_parallel else base
+
+
+def collate_pairs(
+    pairs: Sequence[TokenizedPair],
+    pad_id: int,
+    pad_to_multiple: int = 8,
+    indices: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Stack ``B`` pairs into one right-padded batch of ``2B`` sequences (chosen rows first).
+
+    ``S`` is the longest ``prompt + response`` length rounded up to a multiple of ``pad_to_multiple``.
+
+    Returns:
+        ``tokens`` LongTensor ``[2B, S]``: rows ``0..B-1`` prompt+chosen, rows ``B..2B-1`` prompt+rejected,
+            padded with ``pad_id``;
+        ``position_ids`` LongTensor ``[2B, S]``: ``arange(S)`` in every row;
+        ``response_mask`` FloatTensor ``[2B, S]``: 1 at response positions (EOS included), 0 on prompt and
+            padding -- the positions whose token-level score ``Z`` enters the Q-RM mean;
+        ``labels`` LongTensor ``[2B, S]``: ``tokens`` shifted left by one (next token), last column ``pad_id``;
+        ``label_mask`` FloatTensor ``[2B, S]``: ``response_mask`` shifted left by one (positions whose next
+            token is a response token, for next-token losses / log-probs), last column 0;
+        ``index`` LongTensor ``[B]``: ``indices`` (dataset indices of the pairs) or ``arange(B)``.
+    """
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    B = len(pairs)
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    prompt_len = torch.tensor([len(p.prompt_ids) for p in pairs] * 2, dtype=torch.long)  # [2B]
+    seq_len = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # [2B]
+    S = max(1, math.ceil(int(seq_len.max()) / pad_to_multiple)) * pad_to_multiple
+
+    tokens = torch.tensor([s + [pad_id] * (S - len(s)) for s in seqs], dtype=torch.long)  # [2B, S]
+    positions = torch.arange(S, dtype=torch.long)  # [S]
+    response_mask = (
+        (positions[None, :] >= prompt_len[:, None]) & (positions[None, :] < seq_len[:, None])
+    ).float()  # [2B, S]
+    labels = torch.full_like(tokens, pad_id)
+    labels[:, :-1] = tokens[:, 1:]
+    label_mask = torch.zeros_like(response_mask)
+    label_mask[:, :-1] = response_mask[:, 1:]
+    if indices is None:
+        index = torch.arange(B, dtype=torch.long)
+    else:
+        if len(indices) != B:
+            raise ValueError(f"collate_pairs got {len(indices)} indices for {B} pairs")
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+    return {
+        "tokens": tokens,
+        "position_ids": positions.expand(2 * B, S).contiguous(),
+        "response_mask": response_mask,
+        "labels": labels,
+        "label_mask": label_mask,
+        "index": index,
+    }
