@@ -31,6 +31,9 @@ from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 CONFIG_FILE = "qrm_config.json"
+# Optimizer state as per-bucket shards: parallel save/load; resuming with another DP size works, with
+# another TP/PP it does not (model weights reshard freely; start a new run with --pretrained-checkpoint).
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 LATEST_FILE = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
@@ -136,7 +139,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
     model_sd = _model_sharded_state_dict(model)
     state: dict[str, Any] = {"model": model_sd, "rng_state": _rng_sharded_object()}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if train_state is not None:
@@ -190,7 +193,8 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
         model_sd = {k: v for k, v in model_sd.items() if model_key_filter(k)}
     request: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _materialize_optimizer_state(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
     if load_rng:
         request["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(request, ckpt)
@@ -199,13 +203,57 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
     if strict and model_key_filter is None and missing:
         raise RuntimeError(f"checkpoint {ckpt} lacks model tensors: {missing[:5]}...")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # fp32 main params are views of the (grad-requiring) model params
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer, loaded["optimizer"])
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if load_rng and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     ts = loaded.get("train_state")
     return ckpt, (TrainState(**ts) if ts is not None else None)
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Create Adam's state tensors (zeros, step 1) so the loader has buffers to fill in place.
+
+    A freshly built optimizer has no state yet and megatron-core's state_dict needs one. One step
+    at lr 0 with zero gradients creates it without moving any weight; the load overwrites it all.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if len(inner.state) > 0:
+            continue
+        saved = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for g, lr in zip(inner.param_groups, saved):
+            g["lr"] = lr
+        inner.zero_grad(set_to_none=True)
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """Set torch Adam's per-parameter ``step`` to the checkpoint's, one tensor per parameter.
+
+    With torch's Adam (no TE/apex FusedAdam, e.g. on CPU) megatron-core 0.16's distributed-optimizer
+    load leaves ``step`` at the pre-load value and, where it sets it, shares ONE tensor between all
+    parameters, which torch then increments once per parameter. Either corrupts Adam's bias
+    correction after a resume; the step count saved in the param groups is the truth.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [loaded] if len(chained) == 1 else [loaded[i] for i in range(len(chained))]
+    for opt, sd in zip(chained, states):
+        groups = (sd.get("optimizer") or {}).get("param_groups") or []
+        steps = {g["step"] for g in groups if g.get("step") is not None}
+        if len(steps) != 1:
+            continue  # fused optimizers keep their step in the param groups
+        step = float(steps.pop())
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step, dtype=torch.float32)
 
 
 def load_extra_file(ckpt_dir: str, name: str) -> Any:
