@@ -120,6 +120,9 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
     precision = precision or PrecisionConfig()
     tcfg = transformer_config(model, precision, sequence_parallel=sequence_parallel)
     spec, impl = layer_spec(transformer_impl)
+    if tcfg.sequence_parallel and impl == "local" and not _have_apex_norm():
+        raise ValueError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
+                         "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
     scored = role in ("reward", "critic")
@@ -150,6 +153,15 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def _have_apex_norm() -> bool:
+    try:
+        import apex  # noqa: F401
+
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

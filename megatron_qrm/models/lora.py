@@ -29,6 +29,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_from_tensor_model_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 # module-name suffix -> is the layer column-parallel (output split) or row-parallel (input split)
@@ -59,8 +60,11 @@ class LoRAAdapter(torch.nn.Module):
     """Low-rank delta for one TP linear. Shapes as in the module docstring."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, rank: int, scale: float,
-                 sequence_parallel: bool, dtype: torch.dtype, device: torch.device):
+                 sequence_parallel: bool, dtype: torch.dtype, device: torch.device, swiglu: bool = False):
         super().__init__()
+        # SwiGLU fc1: each TP rank holds [gate_r; up_r], so B's checkpoint layout must be split the
+        # same way megatron-core splits fc1 itself (two halves, each sharded across TP).
+        self.swiglu = swiglu
         tp = ps.get_tensor_model_parallel_world_size()
         tp_rank = ps.get_tensor_model_parallel_rank()
         self.kind, self.scale, self.sequence_parallel = kind, scale, sequence_parallel
@@ -95,7 +99,11 @@ class LoRAAdapter(torch.nn.Module):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
         axis = {"lora_b": 0} if self.kind == "column" else {"lora_a": 1}
         sd = {"lora_a": self.lora_a, "lora_b": self.lora_b}
-        return make_sharded_tensors_for_checkpoint(sd, prefix, axis, sharded_offsets)
+        sharded = make_sharded_tensors_for_checkpoint(sd, prefix, axis, sharded_offsets)
+        if self.swiglu:
+            key = f"{prefix}lora_b"
+            sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets)
+        return sharded
 
 
 def _adapter_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -137,8 +145,10 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> int:
         tp = ps.get_tensor_model_parallel_world_size()
         out_features = weight.shape[0] * (tp if kind == "column" else 1)
         in_features = weight.shape[1] * (tp if kind == "row" else 1)
+        swiglu = suffix == "mlp.linear_fc1" and bool(getattr(module.config, "gated_linear_unit", False))
         module.lora = LoRAAdapter(kind, in_features, out_features, cfg.rank, cfg.scale,
-                                  bool(getattr(module, "sequence_parallel", False)), weight.dtype, weight.device)
+                                  bool(getattr(module, "sequence_parallel", False)), weight.dtype, weight.device,
+                                  swiglu=swiglu)
         module.register_forward_hook(_lora_hook)
         module.sharded_state_dict = types.MethodType(_sharded_state_dict_with_lora, module)
         count += 1
