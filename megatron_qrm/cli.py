@@ -226,12 +226,51 @@ def run_eval_rm(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval-policy
+def build_eval_policy_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval-policy", help="greedy Pass@1 (and sampled Pass@k) of a policy on GSM8K / MATH",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--load", required=True, help="policy checkpoint")
+    p.add_argument("--task", required=True, help="gsm8k | math | a registered task")
+    p.add_argument("--data", required=True, help="test prompts with `instruction` and `label`")
+    p.add_argument("--tokenizer")
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per generation call")
+    p.add_argument("--samples", type=int, default=0, help="k > 0: also sample k responses per prompt for Pass@k")
+    p.add_argument("--temperature", type=float, default=1.0, help="for the Pass@k samples")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-prompts", type=int)
+    p.add_argument("--chat-template", action="store_true", default=None)
+    p.add_argument("--output", help="JSONL of the greedy responses with their judgements")
+    add_parallel_args(p)
+    p.set_defaults(func=run_eval_policy)
+    return p
+
+
+def run_eval_policy(args) -> int:
+    from megatron_qrm.evaluation.policy_eval import PolicyEvalConfig, evaluate_policy
+
+    evaluate_policy(PolicyEvalConfig(
+        load=args.load, data=args.data, task=args.task, tokenizer=args.tokenizer, seq_length=args.seq_length,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
+        temperature=args.temperature, top_p=args.top_p, max_prompts=args.max_prompts, output=args.output,
+        seed=args.seed, chat_template=args.chat_template, parallel=parallel_config_from_args(args),
+        bf16=use_bf16(args)))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qrm", description="Token-level reward models (Q-RM) and RL on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build_train_rm_parser(sub)
     build_eval_rm_parser(sub)
+    from megatron_qrm.rl.cli import add_rl_parser
+
+    add_rl_parser(sub, "ppo")
+    add_rl_parser(sub, "reinforce")
+    build_eval_policy_parser(sub)
     return parser
 
 
@@ -243,6 +282,8 @@ def _setup_logging() -> None:
 
     # megatron-core warns at import about missing TE/apex on every rank; the chosen spec is logged instead
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    # megatron-core logs every parameter and its optimizer config at INFO; keep its warnings only
+    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -8,6 +8,7 @@ from .preference import (
     collate_pairs,
     pad_multiple_for,
 )
+from .prompts import PromptDataConfig, PromptDataset
 from .sources import DataError, read_records
 from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
@@ -16,6 +17,8 @@ __all__ = [
     "HFTokenizer",
     "PreferenceDataConfig",
     "PreferenceDataset",
+    "PromptDataConfig",
+    "PromptDataset",
     "SentencePieceTokenizer",
     "TOKENIZE_CHUNK",
     "TokenizedPair",

@@ -109,7 +109,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequen
 
 def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | None = None,
                 lora: LoRAConfig | None = None, sequence_parallel: bool = False,
-                transformer_impl: str = "auto") -> GPTModel:
+                transformer_impl: str = "auto", seed: int = 1234) -> GPTModel:
     """Build this rank's pipeline stage of a model for ``role`` (see module docstring).
 
     Parameters are created on the current device. With LoRA, base weights are frozen and only the
@@ -143,11 +143,11 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
     gpt.transformer_impl = impl
     if scored and gpt.post_process:
         # the head replaces the LM head: GPTModel's post-processing then returns [b, s, 1] scores
-        gpt.output_layer = TokenHead(tcfg, model.hidden_size)
+        gpt.output_layer = TokenHead(tcfg, model.hidden_size, seed=seed)
     if lora is not None and lora.enabled:
         for p in gpt.parameters():
             p.requires_grad_(False)
-        apply_lora(gpt, lora)
+        apply_lora(gpt, lora, seed=seed)
         if scored and gpt.post_process:
             gpt.output_layer.weight.requires_grad_(True)
     if torch.cuda.is_available():

@@ -60,7 +60,8 @@ class LoRAAdapter(torch.nn.Module):
     """Low-rank delta for one TP linear. Shapes as in the module docstring."""
 
     def __init__(self, kind: str, in_features: int, out_features: int, rank: int, scale: float,
-                 sequence_parallel: bool, dtype: torch.dtype, device: torch.device, swiglu: bool = False):
+                 sequence_parallel: bool, dtype: torch.dtype, device: torch.device, swiglu: bool = False,
+                 seed: int = 0):
         super().__init__()
         # SwiGLU fc1: each TP rank holds [gate_r; up_r], so B's checkpoint layout must be split the
         # same way megatron-core splits fc1 itself (two halves, each sharded across TP).
@@ -68,10 +69,12 @@ class LoRAAdapter(torch.nn.Module):
         tp = ps.get_tensor_model_parallel_world_size()
         tp_rank = ps.get_tensor_model_parallel_rank()
         self.kind, self.scale, self.sequence_parallel = kind, scale, sequence_parallel
-        # A is initialised over its full shape from the (TP-identical) default generator and then
-        # sliced, so every TP layout starts from the same adapter.
-        a_full = torch.empty(rank, in_features, dtype=torch.float32)
-        torch.nn.init.kaiming_uniform_(a_full, a=math.sqrt(5))
+        # A is initialised over its full shape from a generator seeded per (run seed, layer, target) and
+        # then sliced, so every TP/PP layout starts from the same adapter. Kaiming-uniform(a=sqrt(5)),
+        # i.e. torch.nn.Linear's default: U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(in_features)
+        gen = torch.Generator().manual_seed(seed)
+        a_full = (torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound
         if kind == "column":
             self.lora_a = torch.nn.Parameter(a_full.to(device=device, dtype=dtype))
             self.lora_b = torch.nn.Parameter(torch.zeros(out_features // tp, rank, dtype=dtype, device=device))
@@ -132,27 +135,30 @@ def _sharded_state_dict_with_lora(self, prefix="", sharded_offsets=(), metadata=
     return sd
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> int:
-    """Attach adapters to every targeted linear of ``model``; returns how many were attached."""
-    wanted = {name for name, _ in LORA_TARGETS.items() if name.rsplit("_", 1)[-1] in cfg.targets}
+def apply_lora(model: torch.nn.Module, cfg: LoRAConfig, seed: int = 1234) -> int:
+    """Attach adapters to every targeted linear of ``model``'s transformer layers; returns how many."""
+    wanted = [name for name in LORA_TARGETS if name.rsplit("_", 1)[-1] in cfg.targets]
     count = 0
-    for name, module in list(model.named_modules()):
-        suffix = next((t for t in wanted if name.endswith(t)), None)
-        if suffix is None:
-            continue
-        kind = LORA_TARGETS[suffix]
-        weight = module.weight
-        tp = ps.get_tensor_model_parallel_world_size()
-        out_features = weight.shape[0] * (tp if kind == "column" else 1)
-        in_features = weight.shape[1] * (tp if kind == "row" else 1)
-        swiglu = suffix == "mlp.linear_fc1" and bool(getattr(module.config, "gated_linear_unit", False))
-        module.lora = LoRAAdapter(kind, in_features, out_features, cfg.rank, cfg.scale,
-                                  bool(getattr(module, "sequence_parallel", False)), weight.dtype, weight.device,
-                                  swiglu=swiglu)
-        module.register_forward_hook(_lora_hook)
-        module.sharded_state_dict = types.MethodType(_sharded_state_dict_with_lora, module)
-        count += 1
+    for layer in model.decoder.layers:
+        for t_index, suffix in enumerate(wanted):
+            count += _attach(layer.get_submodule(suffix), suffix, cfg,
+                             seed=seed + 7919 * int(layer.layer_number) + 104729 * t_index)
     return count
+
+
+def _attach(module: torch.nn.Module, suffix: str, cfg: LoRAConfig, seed: int) -> int:
+    kind = LORA_TARGETS[suffix]
+    weight = module.weight
+    tp = ps.get_tensor_model_parallel_world_size()
+    out_features = weight.shape[0] * (tp if kind == "column" else 1)
+    in_features = weight.shape[1] * (tp if kind == "row" else 1)
+    swiglu = suffix == "mlp.linear_fc1" and bool(getattr(module.config, "gated_linear_unit", False))
+    module.lora = LoRAAdapter(kind, in_features, out_features, cfg.rank, cfg.scale,
+                              bool(getattr(module, "sequence_parallel", False)), weight.dtype, weight.device,
+                              swiglu=swiglu, seed=seed)
+    module.register_forward_hook(_lora_hook)
+    module.sharded_state_dict = types.MethodType(_sharded_state_dict_with_lora, module)
+    return 1
 
 
 def is_lora_param(name: str) -> bool:

@@ -24,15 +24,14 @@ class TokenHead(MegatronModule):
     is already complete on each rank.
     """
 
-    def __init__(self, config, hidden_size: int):
+    def __init__(self, config, hidden_size: int, seed: int = 1234):
         super().__init__(config=config)
-        self.weight = torch.nn.Parameter(
-            torch.empty(1, hidden_size, dtype=config.params_dtype, device=_init_device(config))
-        )
-        # Same init as torch.nn.Linear (what the reference's v_head uses): U(-1/sqrt(h), 1/sqrt(h)).
+        # Same init as torch.nn.Linear (what the reference's v_head uses): U(-1/sqrt(h), 1/sqrt(h)),
+        # from its own generator so every TP/PP layout starts from the same head.
         bound = hidden_size**-0.5
-        with torch.no_grad():
-            self.weight.uniform_(-bound, bound)
+        gen = torch.Generator().manual_seed(seed)
+        init = (torch.rand(1, hidden_size, generator=gen) * 2 - 1) * bound
+        self.weight = torch.nn.Parameter(init.to(dtype=config.params_dtype, device=_init_device(config)))
         self.sequence_parallel = config.sequence_parallel
 
     def forward(self, hidden_states: torch.Tensor, weight=None, runtime_gather_output=None):

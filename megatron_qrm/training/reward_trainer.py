@@ -175,7 +175,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
 
     # ---- model, DDP, optimizer ----
     model = build_model(model_cfg, cfg.loss.role, precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
-                        sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl)
+                        sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
+                        seed=cfg.parallel.seed)
     total, trainable = count_parameters(model)
     logger.message(f"model: role={cfg.loss.role} layer spec={model.transformer_impl} "
                    f"params (this rank)={total:,} trainable={trainable:,} lora_rank={cfg.lora.rank}")
