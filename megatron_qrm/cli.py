@@ -109,22 +109,10 @@ def add_logging_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb-run-name")
 
 
-# ----------------------------------------------------------------------------- train-rm
-def build_train_rm_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("train-rm", help="train a token-level Q-RM (or ORM / DPO-RM baseline) on preference pairs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
-    add_parallel_args(p)
-    add_data_args(p, "--train-data", required=True)
-    g = p.add_argument_group("reward loss")
-    g.add_argument("--reward-loss", choices=("qrm", "orm", "dpo"), default="qrm",
-                   help="qrm: mean-credit Bradley-Terry with margin; orm: last-token BT; dpo: DPO-RM")
-    g.add_argument("--qrm-beta", type=float, default=0.2)
-    g.add_argument("--qrm-gamma", type=float, default=2.0)
-    g.add_argument("--dpo-beta", type=float, default=0.1)
+def add_training_args(p: argparse.ArgumentParser, unit: str) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1, help="preference pairs per micro-batch")
-    g.add_argument("--global-batch-size", type=int, default=2, help="preference pairs per optimizer step")
+    g.add_argument("--micro-batch-size", type=int, default=1, help=f"{unit} per micro-batch")
+    g.add_argument("--global-batch-size", type=int, default=2, help=f"{unit} per optimizer step")
     g.add_argument("--train-iters", type=int, required=True)
     g.add_argument("--no-shuffle", action="store_true", help="file order (the reference's), not shuffled")
     g.add_argument("--lr", type=float, default=1e-5)
@@ -139,10 +127,16 @@ def build_train_rm_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--no-distributed-optimizer", action="store_true",
                    help="replicate optimizer state instead of sharding it across data-parallel ranks")
+
+
+def add_lora_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tune; the paper's 70B RM uses 128")
     g.add_argument("--lora-alpha", type=float, help="default = rank (no scaling, as the reference)")
     g.add_argument("--lora-targets", default="qkv,proj,fc1,fc2")
+
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--load", help="resume from this checkpoint (save dir or iter_* dir)")
     g.add_argument("--pretrained-checkpoint", help="initialise from a base model (policy) checkpoint; head is fresh")
@@ -150,50 +144,120 @@ def build_train_rm_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int)
     g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
     g.add_argument("--exit-interval", type=int, help="save and exit at this iteration")
+
+
+def optim_config_from_args(args, bf16: bool):
+    from megatron_qrm.training.engine import OptimConfig
+
+    for flag in ("micro_batch_size", "global_batch_size", "train_iters"):
+        if getattr(args, flag) <= 0:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive")
+    return OptimConfig(lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
+                       lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters,
+                       weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+                       adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+                       use_distributed_optimizer=not args.no_distributed_optimizer, bf16=bf16)
+
+
+def lora_config_from_args(args):
+    from megatron_qrm.models import LoRAConfig
+
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                      targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
+
+
+# ----------------------------------------------------------------------------- train-rm
+def build_train_rm_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-rm", help="train a token-level Q-RM (or ORM / DPO-RM baseline) on preference pairs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    add_parallel_args(p)
+    add_data_args(p, "--train-data", required=True)
+    g = p.add_argument_group("reward loss")
+    g.add_argument("--reward-loss", choices=("qrm", "orm", "dpo"), default="qrm",
+                   help="qrm: mean-credit Bradley-Terry with margin; orm: last-token BT; dpo: DPO-RM")
+    g.add_argument("--qrm-beta", type=float, default=0.2)
+    g.add_argument("--qrm-gamma", type=float, default=2.0)
+    g.add_argument("--dpo-beta", type=float, default=0.1)
+    add_training_args(p, unit="preference pairs")
+    add_lora_args(p)
+    add_checkpoint_args(p)
     add_logging_args(p)
     p.set_defaults(func=run_train_rm)
     return p
 
 
-def run_train_rm(args) -> int:
-    from megatron_qrm.data import PreferenceDataConfig
-    from megatron_qrm.models import LoRAConfig
-    from megatron_qrm.rewards.scoring import RewardLossConfig
-    from megatron_qrm.training.engine import OptimConfig
-    from megatron_qrm.training.reward_trainer import RewardTrainConfig, train_reward_model
-
-    for flag in ("micro_batch_size", "global_batch_size", "train_iters"):
-        if getattr(args, flag) <= 0:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive")
+def _common_run_fields(args) -> dict:
+    """RewardTrainConfig / SFTTrainConfig fields that come from the shared flag groups."""
+    bf16 = use_bf16(args)
     if args.load and args.pretrained_checkpoint and os.path.exists(args.load) and os.listdir(args.load):
         log.info("--load has a checkpoint: --pretrained-checkpoint is ignored when resuming")
-    bf16 = use_bf16(args)
-    cfg = RewardTrainConfig(
-        model=model_config_from_args(args),
-        data=PreferenceDataConfig(path=args.data_path, instruction_field=args.instruction_field,
-                                  chosen_field=args.chosen_field, rejected_field=args.rejected_field,
-                                  chat_template=bool(args.chat_template), seq_length=args.seq_length or 1024,
-                                  skip_long_prompts=args.skip_long_prompts, split=args.data_split,
-                                  max_pairs=args.max_pairs),
-        tokenizer=args.tokenizer,
-        loss=RewardLossConfig(args.reward_loss, args.qrm_beta, args.qrm_gamma, args.dpo_beta),
-        parallel=parallel_config_from_args(args),
-        optim=OptimConfig(lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
-                          lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters,
-                          weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-                          adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-                          use_distributed_optimizer=not args.no_distributed_optimizer, bf16=bf16),
-        lora=LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha,
-                        targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())),
+    return dict(
+        model=model_config_from_args(args), tokenizer=args.tokenizer, parallel=parallel_config_from_args(args),
+        optim=optim_config_from_args(args, bf16), lora=lora_config_from_args(args),
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         train_iters=args.train_iters, shuffle=not args.no_shuffle,
         load=args.load, pretrained_checkpoint=args.pretrained_checkpoint, save=args.save,
         save_interval=args.save_interval, keep_last=args.keep_last, exit_interval=args.exit_interval,
         log_interval=args.log_interval, log_dir=args.log_dir, tensorboard=not args.no_tensorboard,
-        wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name,
-        transformer_impl=args.transformer_impl,
+        wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, transformer_impl=args.transformer_impl)
+
+
+def run_train_rm(args) -> int:
+    from megatron_qrm.data import PreferenceDataConfig
+    from megatron_qrm.rewards.scoring import RewardLossConfig
+    from megatron_qrm.training.reward_trainer import RewardTrainConfig, train_reward_model
+
+    cfg = RewardTrainConfig(
+        data=PreferenceDataConfig(path=args.data_path, instruction_field=args.instruction_field,
+                                  chosen_field=args.chosen_field, rejected_field=args.rejected_field,
+                                  chat_template=bool(args.chat_template), seq_length=args.seq_length or 1024,
+                                  skip_long_prompts=args.skip_long_prompts, split=args.data_split,
+                                  max_pairs=args.max_pairs),
+        loss=RewardLossConfig(args.reward_loss, args.qrm_beta, args.qrm_gamma, args.dpo_beta),
+        **_common_run_fields(args),
     )
     train_reward_model(cfg)
+    return 0
+
+
+# ----------------------------------------------------------------------------- train-sft
+def build_train_sft_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train-sft", help="supervised fine-tuning of a policy on instruction/response pairs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    add_parallel_args(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-data", dest="data_path", required=True,
+                   help="instruction/response examples: .jsonl, .jsonl.gz, .parquet, or a `datasets` name/path")
+    g.add_argument("--tokenizer", help="HF tokenizer directory or SentencePiece .model (default: from checkpoint)")
+    g.add_argument("--seq-length", type=int, default=1024, help="max tokens of prompt + response")
+    g.add_argument("--instruction-field", default="instruction")
+    g.add_argument("--response-field", default="response")
+    g.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template")
+    g.add_argument("--skip-long-prompts", action="store_true")
+    g.add_argument("--data-split", default="train")
+    g.add_argument("--max-examples", type=int)
+    add_training_args(p, unit="examples")
+    add_lora_args(p)
+    add_checkpoint_args(p)
+    add_logging_args(p)
+    p.set_defaults(func=run_train_sft)
+    return p
+
+
+def run_train_sft(args) -> int:
+    from megatron_qrm.data.sft import SFTDataConfig
+    from megatron_qrm.training.sft_trainer import SFTTrainConfig, train_sft
+
+    cfg = SFTTrainConfig(
+        data=SFTDataConfig(path=args.data_path, instruction_field=args.instruction_field,
+                           response_field=args.response_field, chat_template=args.chat_template,
+                           seq_length=args.seq_length, skip_long_prompts=args.skip_long_prompts,
+                           split=args.data_split, max_examples=args.max_examples),
+        **_common_run_fields(args),
+    )
+    train_sft(cfg)
     return 0
 
 
@@ -264,6 +328,7 @@ def run_eval_policy(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qrm", description="Token-level reward models (Q-RM) and RL on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    build_train_sft_parser(sub)
     build_train_rm_parser(sub)
     build_eval_rm_parser(sub)
     from megatron_qrm.rl.cli import add_rl_parser

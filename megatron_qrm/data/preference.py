@@ -230,57 +230,72 @@ def pad_multiple_for(tensor_parallel_size: int, sequence_parallel: bool, base: i
     return math.lcm(base, tensor_parallel_size) if sequence_parallel else base
 
 
+def collate_sequences(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    pad_to_multiple: int = 8,
+) -> dict[str, torch.Tensor]:
+    """Stack ``N`` (prompt, response) id lists into one right-padded batch.
+
+    ``S`` is the longest ``prompt + response`` length rounded up to a multiple of ``pad_to_multiple``.
+
+    Returns:
+        ``tokens`` LongTensor ``[N, S]`` prompt+response padded with ``pad_id``;
+        ``position_ids`` LongTensor ``[N, S]``: ``arange(S)`` in every row;
+        ``response_mask`` FloatTensor ``[N, S]``: 1 at response positions (EOS included), 0 on prompt and
+            padding -- the positions whose token-level score ``Z`` enters the Q-RM mean;
+        ``labels`` LongTensor ``[N, S]``: ``tokens`` shifted left by one (next token), last column ``pad_id``;
+        ``label_mask`` FloatTensor ``[N, S]``: ``response_mask`` shifted left by one (positions whose next
+            token is a response token, for next-token losses / log-probs), last column 0.
+    """
+    if not prompts:
+        raise ValueError("collate needs at least one sequence")
+    if pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    prompt_len = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # [N]
+    seq_len = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # [N]
+    S = max(1, math.ceil(int(seq_len.max()) / pad_to_multiple)) * pad_to_multiple
+
+    tokens = torch.tensor([s + [pad_id] * (S - len(s)) for s in seqs], dtype=torch.long)  # [N, S]
+    positions = torch.arange(S, dtype=torch.long)  # [S]
+    response_mask = (
+        (positions[None, :] >= prompt_len[:, None]) & (positions[None, :] < seq_len[:, None])
+    ).float()  # [N, S]
+    labels = torch.full_like(tokens, pad_id)
+    labels[:, :-1] = tokens[:, 1:]
+    label_mask = torch.zeros_like(response_mask)
+    label_mask[:, :-1] = response_mask[:, 1:]
+    return {
+        "tokens": tokens,
+        "position_ids": positions.expand(len(seqs), S).contiguous(),
+        "response_mask": response_mask,
+        "labels": labels,
+        "label_mask": label_mask,
+    }
+
+
 def collate_pairs(
     pairs: Sequence[TokenizedPair],
     pad_id: int,
     pad_to_multiple: int = 8,
     indices: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Stack ``B`` pairs into one right-padded batch of ``2B`` sequences (chosen rows first).
-
-    ``S`` is the longest ``prompt + response`` length rounded up to a multiple of ``pad_to_multiple``.
-
-    Returns:
-        ``tokens`` LongTensor ``[2B, S]``: rows ``0..B-1`` prompt+chosen, rows ``B..2B-1`` prompt+rejected,
-            padded with ``pad_id``;
-        ``position_ids`` LongTensor ``[2B, S]``: ``arange(S)`` in every row;
-        ``response_mask`` FloatTensor ``[2B, S]``: 1 at response positions (EOS included), 0 on prompt and
-            padding -- the positions whose token-level score ``Z`` enters the Q-RM mean;
-        ``labels`` LongTensor ``[2B, S]``: ``tokens`` shifted left by one (next token), last column ``pad_id``;
-        ``label_mask`` FloatTensor ``[2B, S]``: ``response_mask`` shifted left by one (positions whose next
-            token is a response token, for next-token losses / log-probs), last column 0;
-        ``index`` LongTensor ``[B]``: ``indices`` (dataset indices of the pairs) or ``arange(B)``.
-    """
+    """Stack ``B`` pairs into one right-padded batch of ``2B`` sequences (chosen rows first), laid out as
+    :func:`collate_sequences` describes, plus ``index`` LongTensor ``[B]``: ``indices`` (dataset indices
+    of the pairs) or ``arange(B)``."""
     if not pairs:
         raise ValueError("collate_pairs needs at least one pair")
-    if pad_to_multiple < 1:
-        raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
     B = len(pairs)
-    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    prompt_len = torch.tensor([len(p.prompt_ids) for p in pairs] * 2, dtype=torch.long)  # [2B]
-    seq_len = torch.tensor([len(s) for s in seqs], dtype=torch.long)  # [2B]
-    S = max(1, math.ceil(int(seq_len.max()) / pad_to_multiple)) * pad_to_multiple
-
-    tokens = torch.tensor([s + [pad_id] * (S - len(s)) for s in seqs], dtype=torch.long)  # [2B, S]
-    positions = torch.arange(S, dtype=torch.long)  # [S]
-    response_mask = (
-        (positions[None, :] >= prompt_len[:, None]) & (positions[None, :] < seq_len[:, None])
-    ).float()  # [2B, S]
-    labels = torch.full_like(tokens, pad_id)
-    labels[:, :-1] = tokens[:, 1:]
-    label_mask = torch.zeros_like(response_mask)
-    label_mask[:, :-1] = response_mask[:, 1:]
+    prompts = [p.prompt_ids for p in pairs] * 2
+    responses = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    batch = collate_sequences(prompts, responses, pad_id, pad_to_multiple)
     if indices is None:
         index = torch.arange(B, dtype=torch.long)
     else:
         if len(indices) != B:
             raise ValueError(f"collate_pairs got {len(indices)} indices for {B} pairs")
         index = torch.as_tensor(list(indices), dtype=torch.long)
-    return {
-        "tokens": tokens,
-        "position_ids": positions.expand(2 * B, S).contiguous(),
-        "response_mask": response_mask,
-        "labels": labels,
-        "label_mask": label_mask,
-        "index": index,
-    }
+    batch["index"] = index
+    return batch

@@ -1,0 +1,69 @@
+"""The training loop every supervised trainer shares (reward models, SFT): global batches through
+megatron-core's schedule, one optimizer step each, metrics, checkpoints, exit interval."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_qrm import checkpointing
+from megatron_qrm.training.engine import reduce_metric_sums, run_global_batch
+from megatron_qrm.training.metrics_log import MetricsLogger
+
+
+@dataclass
+class LoopConfig:
+    train_iters: int
+    global_batch_size: int  # samples per optimizer step (pairs for RMs, examples for SFT)
+    log_interval: int = 1
+    save_interval: Optional[int] = None
+    exit_interval: Optional[int] = None
+
+
+def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.TrainState,
+        microbatches: Callable[[int], list[dict]], forward_step, metric_names: tuple[str, ...],
+        count_name: str, summarize: Callable[[dict[str, float]], dict[str, float]],
+        save: Callable[[], None], logger: MetricsLogger, epoch_of: Callable[[int], float]) -> dict[str, float]:
+    """Train until ``cfg.train_iters``. ``microbatches(consumed_samples)`` gives this rank's micro-batches
+    of the next global batch; ``summarize(sums)`` turns the metric sums (over micro-batches and ranks)
+    into logged values. A global batch whose ``count_name`` sum is 0 (nothing to learn from) takes no
+    optimizer step. Saves at ``save_interval``, at ``exit_interval`` (then returns) and at the end."""
+    last: dict[str, float] = {}
+    saved_at = state.iteration
+    ddp.train()
+    while state.iteration < cfg.train_iters:
+        t0 = time.time()
+        micro = microbatches(state.consumed_samples)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        sums = reduce_metric_sums(run_global_batch(ddp, forward_step, micro, forward_only=False), metric_names)
+        if sums[count_name] > 0:
+            _, grad_norm, _ = optimizer.step()
+            scheduler.step(increment=1)
+        else:
+            grad_norm = 0.0
+        state.iteration += 1
+        state.consumed_samples += cfg.global_batch_size
+        elapsed = time.time() - t0
+        tokens = torch.tensor(float(sum(mb["tokens"].numel() for mb in micro)))
+        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        last = dict(summarize(sums), grad_norm=float(grad_norm or 0.0),
+                    lr=float(optimizer.param_groups[0]["lr"]), tokens_per_s=float(tokens) / max(elapsed, 1e-9),
+                    step_time_s=elapsed, epoch=epoch_of(state.consumed_samples))
+        if state.iteration % cfg.log_interval == 0 or state.iteration == cfg.train_iters:
+            logger.log(state.iteration, last)
+        stop = bool(cfg.exit_interval) and state.iteration % cfg.exit_interval == 0
+        if (cfg.save_interval and state.iteration % cfg.save_interval == 0) or stop:
+            save()
+            saved_at = state.iteration
+        if stop and state.iteration < cfg.train_iters:
+            logger.message(f"exit interval reached at iteration {state.iteration}")
+            return last
+    if saved_at != state.iteration:
+        save()
+    return last

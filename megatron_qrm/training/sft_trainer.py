@@ -1,0 +1,151 @@
+"""`qrm train-sft`: supervised fine-tuning of a policy on (instruction, response) pairs, next-token
+loss on response tokens only (EOS included). From scratch (size flags + --tokenizer), from a base
+model (--pretrained-checkpoint), or resumed (--load)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from megatron_qrm import checkpointing, parallel
+from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
+from megatron_qrm.data import load_tokenizer, pad_multiple_for
+from megatron_qrm.data.preference import collate_sequences
+from megatron_qrm.data.sampler import GlobalBatchSampler
+from megatron_qrm.data.sft import SFTDataConfig, SFTDataset
+from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
+from megatron_qrm.models.lora import is_lora_param
+from megatron_qrm.training.engine import OptimConfig, build_optimizer, to_device, wrap_ddp
+from megatron_qrm.training.loop import LoopConfig, fit
+from megatron_qrm.training.metrics_log import MetricsLogger
+
+METRICS = ("loss_sum", "tokens", "confident")
+
+
+@dataclass
+class SFTTrainConfig:
+    model: Optional[ModelConfig]
+    data: SFTDataConfig
+    tokenizer: Optional[str]
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    train_iters: int = 100
+    shuffle: bool = True
+    load: Optional[str] = None
+    pretrained_checkpoint: Optional[str] = None
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    keep_last: Optional[int] = None
+    log_interval: int = 1
+    log_dir: Optional[str] = None
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    transformer_impl: str = "auto"
+    exit_interval: Optional[int] = None
+
+
+def sft_forward_step(data_iterator, model):
+    """Per-token cross-entropy of the next token (vocab-parallel), summed over response positions."""
+    batch = to_device(next(data_iterator))
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+
+    def loss_func(ce):
+        mask = batch["label_mask"]
+        loss_sum = (ce.float() * mask).sum()
+        count = mask.sum()
+        return loss_sum, count.to(torch.int), {"loss_sum": loss_sum.detach(), "tokens": count.detach(),
+                                               "confident": ((ce.detach() < 0.6931) * mask).sum()}  # p(next) > 1/2
+
+    return output, loss_func
+
+
+def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
+    parallel.initialize(cfg.parallel)
+    saved = None
+    for path in (cfg.load, cfg.pretrained_checkpoint):
+        if path and checkpointing.resolve_checkpoint(path):
+            saved = checkpointing.read_config(path)
+            break
+    model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
+    if model_cfg is None:
+        raise ValueError("no model size given: pass --model or --num-layers/--hidden-size/..., or --load / "
+                         "--pretrained-checkpoint a checkpoint that records it")
+    tokenizer_path = cfg.tokenizer or (saved or {}).get("tokenizer")
+    if not tokenizer_path:
+        raise ValueError("--tokenizer is required (HF tokenizer directory or SentencePiece .model)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if model_cfg.vocab_size == 0:
+        model_cfg.vocab_size = tokenizer.vocab_size
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"is {model_cfg.vocab_size} (--vocab-size)")
+    check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
+    logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=parallel.is_rank0(), tensorboard=cfg.tensorboard,
+                           wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
+                           total_steps=cfg.train_iters, desc="train-sft", run_config={"model": model_cfg.to_dict()})
+    dataset = SFTDataset(cfg.data, tokenizer)
+    logger.message(f"data {cfg.data.path}: {dataset.stats}")
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
+                                 seed=cfg.parallel.seed, shuffle=cfg.shuffle)
+    pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
+
+    model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
+                        sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
+                        seed=cfg.parallel.seed)
+    total, trainable = count_parameters(model)
+    logger.message(f"model: policy, layer spec={model.transformer_impl}, params (this rank)={total:,} "
+                   f"trainable={trainable:,}")
+    ddp = wrap_ddp(model, cfg.optim)
+    optimizer, scheduler = build_optimizer(ddp, cfg.optim, cfg.train_iters)
+
+    state = checkpointing.TrainState()
+    resume_dir = checkpointing.resolve_checkpoint(cfg.load) if cfg.load else None
+    if cfg.load and resume_dir is None and not cfg.pretrained_checkpoint and cfg.load != cfg.save:
+        raise FileNotFoundError(f"--load {cfg.load}: no complete checkpoint there")
+    if resume_dir:
+        _, loaded = checkpointing.load_checkpoint(resume_dir, ddp, optimizer=optimizer, scheduler=scheduler)
+        state = loaded or state
+        logger.message(f"resumed from {resume_dir} at iteration {state.iteration}")
+    elif cfg.pretrained_checkpoint:
+        checkpointing.load_checkpoint(cfg.pretrained_checkpoint, ddp, load_rng=False,
+                                      model_key_filter=lambda k: not is_lora_param(k))
+    ckpt_config = {"kind": "policy", "role": "policy", "model": model_cfg.to_dict(),
+                   "tokenizer": os.path.abspath(tokenizer_path) if os.path.exists(tokenizer_path) else tokenizer_path,
+                   "lora": dataclasses.asdict(cfg.lora), "chat_template": cfg.data.chat_template,
+                   "seq_length": cfg.data.seq_length}
+
+    def save() -> None:
+        if cfg.save:
+            path = checkpointing.save_checkpoint(cfg.save, state.iteration, ddp, ckpt_config, optimizer=optimizer,
+                                                 scheduler=scheduler, train_state=state, keep_last=cfg.keep_last)
+            logger.message(f"saved checkpoint {path}")
+
+    def microbatches(consumed: int) -> list[dict]:
+        out = []
+        for idx in sampler.microbatches(consumed):
+            prompts, responses = zip(*(dataset.example(i) for i in idx))
+            out.append(collate_sequences(prompts, responses, tokenizer.pad_id, pad_multiple))
+        return out
+
+    def summarize(s: dict[str, float]) -> dict[str, float]:
+        n = max(s["tokens"], 1.0)
+        return {"loss": s["loss_sum"] / n, "frac_p_above_half": s["confident"] / n, "response_tokens": s["tokens"]}
+
+    logger.start_step = state.iteration
+    last = fit(ddp, optimizer, scheduler, cfg=LoopConfig(cfg.train_iters, cfg.global_batch_size, cfg.log_interval,
+                                                          cfg.save_interval, cfg.exit_interval),
+               state=state, microbatches=microbatches, forward_step=sft_forward_step, metric_names=METRICS,
+               count_name="tokens", summarize=summarize, save=save, logger=logger, epoch_of=sampler.epoch_of)
+    logger.close()
+    return last
