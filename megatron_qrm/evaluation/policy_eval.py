@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 

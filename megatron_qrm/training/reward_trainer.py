@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,7 +28,8 @@ from megatron_qrm.rewards.scoring import (
     reference_logps_forward_step,
     train_forward_step,
 )
-from megatron_qrm.training.engine import OptimConfig, build_optimizer, reduce_metric_sums, run_global_batch, wrap_ddp
+from megatron_qrm.training.engine import OptimConfig, build_optimizer, run_global_batch, wrap_ddp
+from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
 
 log = logging.getLogger("megatron_qrm")
@@ -205,60 +205,30 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
 
     ckpt_config = _checkpoint_config(cfg, model_cfg, tokenizer_path)
 
-    def save(iteration: int) -> None:
+    def save() -> None:
         if cfg.save:
             path = checkpointing.save_checkpoint(
-                cfg.save, iteration, ddp, ckpt_config, optimizer=optimizer, scheduler=scheduler, train_state=state,
+                cfg.save, state.iteration, ddp, ckpt_config, optimizer=optimizer, scheduler=scheduler, train_state=state,
                 extra_files={DPO_REFERENCE_FILE: ref_sums} if ref_sums is not None else None,
                 keep_last=cfg.keep_last)
             logger.message(f"saved checkpoint {path}")
 
     # ---- training loop ----
-    forward_step = train_forward_step(cfg.loss)
+    def microbatches(consumed: int) -> list[dict]:
+        return [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums) for idx in sampler.microbatches(consumed)]
+
+    def summarize(s: dict[str, float]) -> dict[str, float]:
+        n = max(s["num_valid"], 1.0)
+        return {"loss": s["loss_sum"] / n, "accuracy": s["correct"] / n, "chosen_score": s["chosen_score_sum"] / n,
+                "rejected_score": s["rejected_score_sum"] / n,
+                "margin": (s["chosen_score_sum"] - s["rejected_score_sum"]) / n, "valid_pairs": s["num_valid"]}
+
     logger.start_step = state.iteration  # progress bar resumes where the run stopped
-    last: dict[str, float] = {}
-    ddp.train()
-    while state.iteration < cfg.train_iters:
-        t0 = time.time()
-        micro = [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums)
-                 for idx in sampler.microbatches(state.consumed_samples)]
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        outputs = run_global_batch(ddp, forward_step, micro, forward_only=False)
-        sums = reduce_metric_sums(outputs, METRIC_NAMES)
-        if sums["num_valid"] > 0:
-            ok, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-        else:  # as the reference: a batch without a valid pair takes no step
-            ok, grad_norm = False, 0.0
-        state.iteration += 1
-        state.consumed_samples += cfg.global_batch_size
-        elapsed = time.time() - t0
-        tokens = torch.tensor(float(sum(mb["tokens"].numel() for mb in micro)))
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
-        n = max(sums["num_valid"], 1.0)
-        last = {
-            "loss": sums["loss_sum"] / n,
-            "accuracy": sums["correct"] / n,
-            "chosen_score": sums["chosen_score_sum"] / n,
-            "rejected_score": sums["rejected_score_sum"] / n,
-            "margin": (sums["chosen_score_sum"] - sums["rejected_score_sum"]) / n,
-            "valid_pairs": sums["num_valid"],
-            "grad_norm": float(grad_norm or 0.0),
-            "lr": scheduler.get_lr(optimizer.param_groups[0]) if hasattr(scheduler, "get_lr") else cfg.optim.lr,
-            "tokens_per_s": float(tokens) / max(elapsed, 1e-9),
-            "step_time_s": elapsed,
-            "epoch": sampler.epoch_of(state.consumed_samples),
-        }
-        if state.iteration % cfg.log_interval == 0 or state.iteration == cfg.train_iters:
-            logger.log(state.iteration, last)
-        if cfg.save_interval and state.iteration % cfg.save_interval == 0 and state.iteration < cfg.train_iters:
-            save(state.iteration)
-        if cfg.exit_interval and state.iteration % cfg.exit_interval == 0 and state.iteration < cfg.train_iters:
-            save(state.iteration)
-            logger.message(f"exit interval reached at iteration {state.iteration}")
-            logger.close()
-            return last
-    save(state.iteration)
+    # a global batch without a valid pair takes no optimizer step (as the reference)
+    last = fit(ddp, optimizer, scheduler, cfg=LoopConfig(cfg.train_iters, cfg.global_batch_size, cfg.log_interval,
+                                                          cfg.save_interval, cfg.exit_interval),
+               state=state, microbatches=microbatches, forward_step=train_forward_step(cfg.loss),
+               metric_names=METRIC_NAMES, count_name="num_valid", summarize=summarize, save=save, logger=logger,
+               epoch_of=sampler.epoch_of)
     logger.close()
     return last
