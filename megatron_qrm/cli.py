@@ -269,7 +269,7 @@ def build_eval_rm_parser(sub) -> argparse.ArgumentParser:
     add_data_args(p, "--data", required=True)
     add_parallel_args(p)
     p.add_argument("--micro-batch-size", type=int, default=4, help="pairs per forward pass")
-    p.add_argument("--output", help="write the metrics JSON here (default: next to --dump-token-scores or none)")
+    p.add_argument("--output", help="write the metrics JSON here (default: SAVE/eval/iter_N_<data>.json)")
     p.add_argument("--dump-token-scores", help="write per-token credits (token text + score) as JSONL")
     p.add_argument("--reference-checkpoint", help="DPO-RM without LoRA: the frozen reference model")
     p.set_defaults(func=run_eval_rm)

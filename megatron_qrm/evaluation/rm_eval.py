@@ -148,7 +148,8 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
                 for row in dumps:
                     f.write(json.dumps(row) + "\n")
             result["token_scores"] = cfg.dump_token_scores
-        out_path = cfg.output
+        out_path = cfg.output or default_output_path(result["checkpoint"], cfg.data)
+        result["output"] = out_path
         if out_path:
             os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
             with open(out_path, "w") as f:
@@ -157,6 +158,15 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
               flush=True)
     parallel.barrier()
     return result
+
+
+def default_output_path(checkpoint_dir: str, data: str) -> str:
+    """SAVE/eval/<data name>.json beside the evaluated checkpoint (SAVE/iter_N)."""
+    stem = os.path.basename(os.path.normpath(data))
+    for ext in (".gz", ".jsonl", ".json", ".parquet"):
+        stem = stem[: -len(ext)] if stem.endswith(ext) else stem
+    name = os.path.basename(os.path.normpath(checkpoint_dir))
+    return os.path.join(os.path.dirname(os.path.normpath(checkpoint_dir)), "eval", f"{name}_{stem}.json")
 
 
 def _reference_logps(model, reference, batch) -> dict[str, torch.Tensor]:
