@@ -92,3 +92,26 @@ def destroy() -> None:
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# Collectives on host tensors (counts, metrics, index bookkeeping): NCCL only moves GPU tensors, so
+# they travel through the current device and come back to the host, in place.
+def all_reduce_host(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    moved = t.to(device())
+    dist.all_reduce(moved, op=op, group=group)
+    t.copy_(moved.cpu())
+    return t
+
+
+def all_gather_host(t: torch.Tensor, group=None) -> list[torch.Tensor]:
+    moved = t.to(device())
+    out = [torch.empty_like(moved) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, moved, group=group)
+    return [o.cpu() for o in out]
+
+
+def broadcast_host(t: torch.Tensor, src: int, group=None) -> torch.Tensor:
+    moved = t.to(device())
+    dist.broadcast(moved, src=src, group=group)
+    t.copy_(moved.cpu())
+    return t

@@ -91,7 +91,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     mine = list(range(dp_rank, n, dp_size))
     chunks = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
     steps = torch.tensor([len(chunks)])
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    parallel.all_reduce_host(steps, op=dist.ReduceOp.MAX)
 
     chosen = torch.zeros(n, dtype=torch.float64)
     rejected = torch.zeros(n, dtype=torch.float64)
@@ -118,7 +118,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
 
     if ps.is_pipeline_last_stage():
         for t in (chosen, rejected, valid):
-            dist.all_reduce(t, group=ps.get_data_parallel_group())
+            parallel.all_reduce_host(t, group=ps.get_data_parallel_group())
         if cfg.dump_token_scores and dp_size > 1:
             gathered = [None] * dp_size
             dist.all_gather_object(gathered, dumps, group=ps.get_data_parallel_group())

@@ -221,13 +221,11 @@ def _dp_gather_rows(t: torch.Tensor) -> torch.Tensor:
     if size == 1:
         return t
     shape = torch.tensor([t.shape[0], t.shape[1]])
-    shapes = [torch.zeros_like(shape) for _ in range(size)]
-    dist.all_gather(shapes, shape, group=group)
+    shapes = parallel.all_gather_host(shape, group=group)
     n_max, l_max = int(max(s[0] for s in shapes)), int(max(s[1] for s in shapes))
     padded = torch.zeros(n_max, l_max, dtype=t.dtype)
     padded[: t.shape[0], : t.shape[1]] = t
-    out = [torch.zeros_like(padded) for _ in range(size)]
-    dist.all_gather(out, padded, group=group)
+    out = parallel.all_gather_host(padded, group=group)
     return torch.cat([o[: int(s[0])] for o, s in zip(out, shapes)])
 
 
@@ -451,8 +449,7 @@ class RLTrainer:
 
     def _dp_counts(self) -> list[int]:
         n = torch.tensor([self.cfg.rollout_batch_size // self.dp_size * self.cfg.samples_per_prompt])
-        out = [torch.zeros_like(n) for _ in range(self.dp_size)]
-        dist.all_gather(out, n, group=ps.get_data_parallel_group())
+        out = parallel.all_gather_host(n, group=ps.get_data_parallel_group())
         return [int(x) for x in out]
 
     # ---- 4. updates
@@ -571,7 +568,8 @@ class RLTrainer:
         names = ("token_reward_mean", "sequence_score_mean", "kl_mean", "advantage_mean", "response_length")
         t = torch.tensor([stats.get(k, 0.0) for k in names], dtype=torch.float64)
         if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+            parallel.broadcast_host(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                                    group=ps.get_pipeline_model_parallel_group())
         return dict(zip(names, t.tolist()))
 
     def evaluate(self) -> dict[str, float]:

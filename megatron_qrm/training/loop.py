@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from megatron_qrm import checkpointing
+from megatron_qrm import checkpointing, parallel
 from megatron_qrm.training.engine import reduce_metric_sums, run_global_batch
 from megatron_qrm.training.metrics_log import MetricsLogger
 
@@ -51,7 +50,7 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
         state.consumed_samples += cfg.global_batch_size
         elapsed = time.time() - t0
         tokens = torch.tensor(float(sum(mb["tokens"].numel() for mb in micro)))
-        dist.all_reduce(tokens, group=ps.get_data_parallel_group())
+        parallel.all_reduce_host(tokens, group=ps.get_data_parallel_group())
         last = dict(summarize(sums), grad_norm=float(grad_norm or 0.0),
                     lr=float(optimizer.param_groups[0]["lr"]), tokens_per_s=float(tokens) / max(elapsed, 1e-9),
                     step_time_s=elapsed, epoch=epoch_of(state.consumed_samples))

@@ -122,7 +122,7 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
     chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     # every DP rank must run the same number of schedule passes (collectives inside)
     steps = torch.tensor([len(chunks)])
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    parallel.all_reduce_host(steps, op=dist.ReduceOp.MAX)
     model.eval()
     logger.message(f"DPO-RM: computing reference log-probs for {n} pairs")
     with torch.no_grad():
@@ -138,7 +138,7 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
                     sums[out["index"].cpu(), 1] = r[b:]
     model.train()
     if ps.is_pipeline_last_stage():
-        dist.all_reduce(sums, group=ps.get_data_parallel_group())
+        parallel.all_reduce_host(sums, group=ps.get_data_parallel_group())
         return sums.float()
     return None
 
