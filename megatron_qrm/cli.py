@@ -336,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_rl_parser(sub, "ppo")
     add_rl_parser(sub, "reinforce")
     build_eval_policy_parser(sub)
+    from megatron_qrm.evaluation.check_answers import add_parser as add_check_answers_parser
+
+    add_check_answers_parser(sub)
     return parser
 
 
