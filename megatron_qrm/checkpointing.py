@@ -70,7 +70,13 @@ def read_config(ckpt_dir: str) -> dict[str, Any]:
         raise FileNotFoundError(f"no complete checkpoint at {ckpt_dir!r} (--load): expected {CONFIG_FILE} "
                                 f"in it, or a `{LATEST_FILE}` file naming one")
     with open(os.path.join(resolved, CONFIG_FILE)) as f:
-        return json.load(f)
+        config = json.load(f)
+    # A path recorded relative to the checkpoint (tools/convert_hf.py import copies the tokenizer into
+    # it) resolves against the checkpoint directory, so the checkpoint can be moved.
+    tok = config.get("tokenizer")
+    if isinstance(tok, str) and tok and not os.path.isabs(tok) and os.path.exists(os.path.join(resolved, tok)):
+        config["tokenizer"] = os.path.join(os.path.abspath(resolved), tok)
+    return config
 
 
 def _rng_state() -> dict[str, Any]:
