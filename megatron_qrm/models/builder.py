@@ -5,7 +5,10 @@
   output layer; present only on the last pipeline stage, replicated across TP.
 
 The layer spec is Transformer Engine's when TE imports and CUDA is present, megatron-core's local
-spec otherwise; the choice and its reason are logged.
+spec otherwise; the choice and its reason are logged. On a GPU the local spec's core attention is
+:class:`~megatron_qrm.models.attention.SDPAttention` (fused ``scaled_dot_product_attention``, no ``s x s``
+matrix); on CPU it stays megatron-core's ``DotProductAttention`` unless ``local_attention="sdpa"``.
+Activation recomputation (``recompute_granularity`` full/selective) is passed to megatron-core.
 """
 
 from __future__ import annotations
@@ -42,14 +45,22 @@ def transformer_impl_available() -> tuple[bool, str]:
         return False, "no CUDA device"
     try:  # a partial TE install raises RuntimeError/OSError, not only ImportError
         import transformer_engine  # noqa: F401
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401  (loads TE's CUDA libraries)
+        from megatron.core.extensions import transformer_engine as _mcore_te  # noqa: F401
+        from megatron.core.models.gpt import gpt_layer_specs
     except Exception as e:  # noqa: BLE001
         return False, f"transformer_engine not importable ({type(e).__name__}: {e})"
+    if not getattr(gpt_layer_specs, "HAVE_TE", False):
+        return False, "megatron-core did not load its Transformer Engine spec (gpt_layer_specs.HAVE_TE is False)"
     return True, "transformer_engine importable and CUDA present"
 
 
-def layer_spec(transformer_impl: str = "auto"):
-    """The transformer layer spec: 'te', 'local', or 'auto' (TE when available)."""
+def layer_spec(transformer_impl: str = "auto", local_attention: str = "auto"):
+    """The transformer layer spec: 'te', 'local', or 'auto' (TE when available).
+
+    ``local_attention`` (local spec only): 'sdpa' (:class:`SDPAttention`), 'unfused' (megatron-core's
+    DotProductAttention), or 'auto' (sdpa on a GPU, unfused on CPU).
+    """
     use_te, reason = transformer_impl_available()
     if transformer_impl == "te" and not use_te:
         raise RuntimeError(f"--transformer-impl te requested but unavailable: {reason}")
@@ -60,13 +71,28 @@ def layer_spec(transformer_impl: str = "auto"):
 
         log.info("layer spec: Transformer Engine (%s)", reason)
         return get_gpt_layer_with_transformer_engine_spec(), "te"
-    log.info("layer spec: megatron-core local (%s)", reason)
-    return get_gpt_layer_local_spec(normalization="RMSNorm"), "local"
+    if local_attention not in ("auto", "sdpa", "unfused"):
+        raise ValueError(f"local attention {local_attention!r}: expected auto, sdpa or unfused")
+    sdpa = local_attention == "sdpa" or (local_attention == "auto" and torch.cuda.is_available())
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if sdpa:
+        from megatron_qrm.models.attention import with_sdpa_attention
+
+        spec = with_sdpa_attention(spec)
+    log.info("layer spec: megatron-core local, %s attention (%s)",
+             "SDPA" if sdpa else "unfused DotProductAttention", reason)
+    return spec, "local"
 
 
 def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequence_parallel: bool = False,
-                       calculate_per_token_loss: bool = True) -> TransformerConfig:
+                       calculate_per_token_loss: bool = True, recompute_granularity: str | None = None,
+                       recompute_num_layers: int = 1) -> TransformerConfig:
+    """``recompute_granularity``: None, 'selective' (the attention core is recomputed in backward) or
+    'full' (every layer keeps only its input; ``recompute_num_layers`` layers per uniform chunk)."""
     on_cpu = not torch.cuda.is_available()
+    if recompute_granularity not in (None, "none", "selective", "full"):
+        raise ValueError(f"--recompute-granularity {recompute_granularity!r}: expected full or selective")
+    recompute = None if recompute_granularity in (None, "none") else recompute_granularity
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
     return TransformerConfig(
@@ -100,16 +126,21 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequen
         perform_initialization=True,
         # fused kernels that need CUDA/apex
         bias_dropout_fusion=not on_cpu,
+        bias_activation_fusion=not on_cpu,  # fused SwiGLU: keeps only fc1's output for backward (3f, not 5f)
         masked_softmax_fusion=not on_cpu,
         persist_layer_norm=not on_cpu,
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=recompute_num_layers if recompute == "full" else None,
     )
 
 
 def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | None = None,
                 lora: LoRAConfig | None = None, sequence_parallel: bool = False,
-                transformer_impl: str = "auto", seed: int = 1234) -> GPTModel:
+                transformer_impl: str = "auto", seed: int = 1234, recompute_granularity: str | None = None,
+                recompute_num_layers: int = 1, local_attention: str = "auto") -> GPTModel:
     """Build this rank's pipeline stage of a model for ``role`` (see module docstring).
 
     Parameters are created on the current device. With LoRA, base weights are frozen and only the
@@ -118,8 +149,9 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; expected one of {ROLES}")
     precision = precision or PrecisionConfig()
-    tcfg = transformer_config(model, precision, sequence_parallel=sequence_parallel)
-    spec, impl = layer_spec(transformer_impl)
+    tcfg = transformer_config(model, precision, sequence_parallel=sequence_parallel,
+                              recompute_granularity=recompute_granularity, recompute_num_layers=recompute_num_layers)
+    spec, impl = layer_spec(transformer_impl, local_attention)
     if tcfg.sequence_parallel and impl == "local" and not _have_apex_norm():
         raise ValueError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
                          "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")
@@ -150,9 +182,20 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
         apply_lora(gpt, lora, seed=seed)
         if scored and gpt.post_process:
             gpt.output_layer.weight.requires_grad_(True)
+        if tcfg.recompute_granularity == "full" and gpt.pre_process:
+            # megatron-core's (reentrant) full-layer checkpoint back-propagates into a chunk only when its
+            # input requires grad; behind a frozen embedding it does not, and the adapters would get no
+            # gradient at all. Mark the embedding output as requiring grad (as PEFT does).
+            gpt.embedding.register_forward_hook(_output_requires_grad)
     if torch.cuda.is_available():
         gpt.cuda(torch.cuda.current_device())
     return gpt
+
+
+def _output_requires_grad(module, args, output):
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        output.requires_grad_(True)
+    return output
 
 
 def _have_apex_norm() -> bool:

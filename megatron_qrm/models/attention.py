@@ -1,0 +1,185 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention`` for megatron-core's local spec.
+
+megatron-core's local spec uses :class:`~megatron.core.transformer.dot_product_attention.DotProductAttention`,
+which materialises the ``[b, heads, s, s]`` score and probability matrices (and, under GQA, copies K and V
+to every query head). Without Transformer Engine on a GPU that is the memory and speed bottleneck of long
+sequences. :class:`SDPAttention` has the same constructor and ``forward`` signature (megatron-core 0.16.1)
+and calls PyTorch's fused SDPA, which picks a FlashAttention / memory-efficient kernel on a GPU (bf16/fp16,
+causal, no explicit mask): no ``s x s`` matrix is kept for backward, and GQA is served without copying K/V
+(``enable_gqa``, torch >= 2.5; older torch expands K/V like DotProductAttention).
+
+Masking follows what DotProductAttention does for a causal self-attention layer:
+
+* no ``attention_mask`` and ``sq == sk``: causal (``is_causal=True``);
+* ``sq == 1`` (KV-cache decoding: the query is the newest position): attend to every cached key;
+* ``1 < sq < sk`` (a chunk of queries after cached keys): causal aligned to the bottom right, i.e. query i
+  sees keys ``0 .. sk - sq + i`` (DotProductAttention asserts ``sq == sk`` here);
+* ``attn_mask_type`` ``no_mask`` (what megatron-core passes once a static inference context is past its
+  prefill) or ``padding`` without a mask: no masking;
+* an explicit ``attention_mask`` (megatron convention: ``True`` = masked out): used as given, like
+  DotProductAttention does.
+
+Not supported (raises): sliding-window attention, softmax types other than ``vanilla``, packed sequences,
+attention bias, context parallelism -- the local spec does not support them either (except windows), and the
+Transformer Engine spec is the path for those.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+from megatron.core.utils import divide
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return (int(parts[0]), int(parts[1])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+_SDPA_HAS_GQA = _torch_at_least(2, 5)  # scaled_dot_product_attention(..., enable_gqa=) is new in torch 2.5
+
+
+class SDPAttention(MegatronModule):
+    """Drop-in replacement for megatron-core's ``DotProductAttention`` (same constructor and forward).
+
+    Inputs ``query [sq, b, np, hn]``, ``key``/``value [sk, b, ng, hn]`` (this TP rank's heads and groups);
+    output ``[sq, b, np * hn]``.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+    ):
+        super().__init__(config=config)
+        self.config: TransformerConfig = config
+        if self.config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism; use the Transformer Engine spec")
+        if getattr(self.config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"SDPAttention supports softmax_type 'vanilla' only, not {self.config.softmax_type!r}")
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+            raise ValueError("SDPAttention does not support sliding-window attention")
+
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        elif not hasattr(pg_collection, "tp"):
+            raise ValueError("SDPAttention pg_collection must have a tp process group")
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        world_size = pg_collection.tp.size()
+
+        projection_size = config.kv_channels * config.num_attention_heads
+        self.hidden_size_per_partition = divide(projection_size, world_size)
+        self.hidden_size_per_attention_head = divide(projection_size, config.num_attention_heads)
+        self.num_attention_heads_per_partition = divide(config.num_attention_heads, world_size)
+        self.num_query_groups_per_partition = divide(config.num_query_groups, world_size)
+        # apply_query_key_layer_scaling divides the scale by layer_number and multiplies the scores back
+        # inside the softmax: the net scale is the plain one, which is what SDPA applies.
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.hidden_size_per_attention_head)
+        )
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_offset = None
+
+    def _mask(self, sq: int, sk: int, attention_mask: Optional[Tensor], mask_type: AttnMaskType, device):
+        """(attn_mask for SDPA or None, is_causal)."""
+        if attention_mask is not None:
+            # megatron: True = masked out; SDPA: True = may attend
+            if attention_mask.dtype == torch.bool:
+                return ~attention_mask, False
+            return attention_mask, False  # an additive float mask
+        if mask_type not in (AttnMaskType.causal, AttnMaskType.causal_bottom_right) or sq == 1:
+            return None, False
+        if sq == sk:
+            return None, True
+        if sq > sk:
+            raise ValueError(f"causal attention with more queries ({sq}) than keys ({sk})")
+        # bottom-right aligned causal mask: query i (of the last sq positions) sees keys 0 .. sk - sq + i
+        q_pos = torch.arange(sk - sq, sk, device=device).unsqueeze(1)
+        k_pos = torch.arange(sk, device=device).unsqueeze(0)
+        return k_pos <= q_pos, False
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Optional[Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> Tensor:
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences are not supported by SDPAttention; use the Transformer Engine spec")
+        if attention_bias is not None:
+            raise ValueError("attention bias is not supported by SDPAttention")
+        sq, b, np_, hn = query.shape
+        sk = key.shape[0]
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        attn_mask, is_causal = self._mask(sq, sk, attention_mask, mask_type, query.device)
+
+        # [s, b, heads, hn] -> [b, heads, s, hn]
+        q = query.permute(1, 2, 0, 3)
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        groups = k.shape[1]
+        kwargs = {}
+        if groups != np_:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:  # older torch: expand K/V to every query head (as DotProductAttention does)
+                k = k.repeat_interleave(np_ // groups, dim=1)
+                v = v.repeat_interleave(np_ // groups, dim=1)
+
+        dropout_p = self.dropout_p if self.training else 0.0
+        if dropout_p > 0.0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                         is_causal=is_causal, scale=self.softmax_scale, **kwargs)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                     is_causal=is_causal, scale=self.softmax_scale, **kwargs)
+        # [b, heads, sq, hn] -> [sq, b, heads * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        return {}  # no parameters (vanilla softmax)
+
+
+def with_sdpa_attention(spec):
+    """A copy of a (local) GPT layer spec whose self-attention core is :class:`SDPAttention`."""
+    spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def get_gpt_layer_local_sdpa_spec(normalization: str = "RMSNorm"):
+    """megatron-core's local GPT layer spec with :class:`SDPAttention` as core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return with_sdpa_attention(get_gpt_layer_local_spec(normalization=normalization))
