@@ -210,7 +210,7 @@ class Plan:
     flops_per_step: float
     tokens_per_step: int
     params_total: dict[str, int]  # whole-model parameters per model (padded vocabulary)
-    phases: dict[str, int] = field(default_factory=dict)  # RL: per-GPU total of each phase
+    phases: dict[str, dict[str, int]] = field(default_factory=dict)  # RL: per-GPU breakdown of each phase
     notes: list[str] = field(default_factory=list)
     proposal: Optional[dict[str, Any]] = None  # smallest fitting layout (make_plan)
     min_gpus: Optional[int] = None  # fewest GPUs of this kind on which some layout fits (when this does not)
@@ -480,13 +480,14 @@ def _rl_plan(i: PlanInput) -> Plan:
                                   optimizer=int((actor.trainable + (critic.trainable if ppo else 0)) * master),
                                   reserve=i.reserve_bytes)
         resident_frozen = 0 if i.offload else frozen_all
-        # rollout: KV cache of the generation batch over the full length, the prefill's gathered logits
-        # (full vocabulary, every prompt position) and one layer's prefill working set
+        # rollout: KV cache of the generation batch over the full length; the static inference context
+        # materialises only the last position's logits, gathered over TP (full vocabulary, then fp32 copies
+        # for sampling and log-probs); one layer's prefill working set
         b = i.generation_batch_size
         layers = actor_m.num_layers // i.pp
         kv_heads = max(actor_m.num_query_groups // i.tp, 1)
         kv = 2 * layers * kv_heads * actor_m.kv_channels * seq * b * e
-        prefill_logits = b * prompt * actor_m.vocab_size * e + 3 * b * actor_m.vocab_size * 4 if last else 0
+        prefill_logits = b * vocab * (e + 3 * 4) if last else 0
         rollout = with_(resident_frozen, kv_cache=kv, logits=prefill_logits,
                         workspace=_forward_workspace(actor_m, i, b * prompt))
         # scoring: no-grad forwards of forward_micro_batch_size sequences; the full KL holds actor and
@@ -537,7 +538,7 @@ def _rl_plan(i: PlanInput) -> Plan:
         if i.reference:
             params["reference"] = params["actor"]
     return Plan(i, mem, stage, peak_phase, flops, n_seq * seq, params_total=params,
-                phases={k: int(v[1].total) for k, v in phases.items()}, notes=notes)
+                phases={k: dict(v[1].to_dict(), stage=v[0]) for k, v in phases.items()}, notes=notes)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -596,7 +597,7 @@ def make_plan(i: PlanInput, search: bool = True, max_gpus: int = 4096) -> Plan:
     if not search:
         return plan
     found = smallest_fitting_layout(i)
-    how = "as given"
+    how = "same batch and recomputation"
     if found is None and (i.recompute != "full" or not i.sequence_parallel):
         found = smallest_fitting_layout(dataclasses.replace(i, recompute="full", sequence_parallel=True))
         how = "with --recompute-granularity full --sequence-parallel"
@@ -649,7 +650,7 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"  {'total':<12}{m.total / GiB:>9.2f} GiB  {m.total / GB:>8.2f} GB   "
                  f"of {plan.capacity_bytes / GiB:.1f} GiB -> {'FITS' if plan.fits else 'DOES NOT FIT'}")
     if plan.phases:
-        lines.append("  RL phases: " + ", ".join(f"{k} {v / GiB:.1f} GiB" for k, v in plan.phases.items()))
+        lines.append("  RL phases: " + ", ".join(f"{k} {v['total'] / GiB:.1f} GiB" for k, v in plan.phases.items()))
     t = plan.seconds_per_step()
     lines.append(f"FLOPs per {'iteration' if i.role in ('ppo', 'reinforce') else 'step'}: "
                  f"{plan.flops_per_step:.3e} ({plan.tokens_per_step:,} tokens)"
