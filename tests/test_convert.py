@@ -416,7 +416,10 @@ def test_dry_run_prints_plan_and_writes_nothing(hf_models, tmp_path, capsys):
     # per query group interleaving: TP rank 1 holds rows 64:128 of the fused qkv (group 1: 2 q heads, k, v)
     assert "decoder.layers.self_attention.linear_qkv.weight [64:128, 0:64] of [128, 64]" in text
     # fc1: gate and up halves, each split across TP
-    assert "decoder.layers.mlp.linear_fc1.weight [144:192, 0:64] of [192, 64]" in text
+    assert ("decoder.layers.mlp.linear_fc1.weight [48:96, 0:64] of [192, 64] <- model.layers.{i}.mlp.gate_proj.weight"
+            in text)
+    assert ("decoder.layers.mlp.linear_fc1.weight [144:192, 0:64] of [192, 64] <- model.layers.{i}.mlp.up_proj.weight"
+            in text)
     assert "token_head.weight [0:1, 0:64] of [1, 64] <- fresh token head" in text
     assert "ignored HF tensors: lm_head.weight" in text
 

@@ -178,13 +178,19 @@ class DistCheckpointReader:
         length = list(size)
         if layer is not None:
             start[0], length[0] = layer, 1
-        out = torch.empty(length, dtype=md.properties.dtype)
-        filled = 0
+        overlapping = []
         for chunk in md.chunks:
             lo = [max(s, o) for s, o in zip(start, chunk.offsets)]
             hi = [min(s + n, o + c) for s, n, o, c in zip(start, length, chunk.offsets, chunk.sizes)]
-            if any(h <= l for l, h in zip(lo, hi)):
-                continue
+            if all(h > l for l, h in zip(lo, hi)):
+                overlapping.append((chunk, lo, hi))
+        if len(overlapping) == 1 and list(overlapping[0][0].offsets) == start \
+                and list(overlapping[0][0].sizes) == length:  # one chunk is exactly the region: no copy
+            data = self._load_chunk(key, start)
+            return data[0] if layer is not None else data
+        out = torch.empty(length, dtype=md.properties.dtype)
+        filled = 0
+        for chunk, lo, hi in overlapping:
             data = self._load_chunk(key, chunk.offsets)
             src = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, chunk.offsets))
             dst = tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))

@@ -127,6 +127,21 @@ class ImportPlan:
                                    else (1, self.model.hidden_size), device="meta")
         return op.import_chunks(self.dims, self.tp, load)
 
+    def _chunk_sources(self, group: Group):
+        """(tp rank, offsets, meta chunk, the HF tensors it is made of) of ``group``."""
+        touched: list[int] = []
+
+        def load(j):
+            touched.append(j)
+            return torch.empty(self.reader.info(group.sources[j]).shape if not group.fresh
+                               else (1, self.model.hidden_size), device="meta")
+
+        last: list[int] = []
+        for tp_rank, offsets, chunk in self.chunks(group, load):
+            if touched:
+                last, touched[:] = list(touched), []
+            yield tp_rank, offsets, chunk, [group.sources[j] for j in last]
+
     def shard_plan(self) -> list[dict[str, Any]]:
         """Per (pp, tp) rank: its file, layers, bytes, and every tensor chunk with its HF sources."""
         esize = torch.empty((), dtype=self.dtype).element_size()
@@ -141,14 +156,14 @@ class ImportPlan:
         for g in self.groups:
             if g.key is None:
                 continue
-            for tp_rank, offsets, chunk in self.chunks(g):
+            for tp_rank, offsets, chunk, sources in self._chunk_sources(g):
                 entry = ranks[(g.stage, tp_rank)]
                 entry["bytes"] += chunk.numel() * esize
                 sig = (g.stage, tp_rank, g.key, tuple(offsets))
                 if g.layer is not None and sig in seen:
                     continue  # per-layer tensors: described once per rank, for its first layer
                 seen.add(sig)
-                sources = [s.replace(f".{g.layer}.", ".{i}.") if g.layer is not None else s for s in g.sources]
+                sources = [s.replace(f".{g.layer}.", ".{i}.") if g.layer is not None else s for s in sources]
                 entry["tensors"].append({
                     "key": g.key, "shape": list(chunk.shape), "offsets": list(offsets),
                     "global_shape": list(g.layer_shape), "per_layer": g.layer is not None,
