@@ -112,8 +112,12 @@ def verify(hf_path: str, megatron_path: str, *, tp: int = 1, pp: int = 1, batch_
     if not policy and kind == LM and not quiet:
         print(f"note: {hf_path} is an LM; comparing the Megatron head applied to its hidden states")
 
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        check_parallel_layout(model_cfg, ParallelConfig(tp, pp), world)
+    except ValueError as e:
+        raise ConversionError(f"{e} (run verify under `torchrun --nproc_per_node {tp * pp}`)") from None
     parallel.initialize(ParallelConfig(tp, pp))
-    check_parallel_layout(model_cfg, ParallelConfig(tp, pp), dist.get_world_size())
     lora = LoRAConfig(**{k: (tuple(v) if k == "targets" else v) for k, v in (saved.get("lora") or {}).items()})
     model = build_model(model_cfg, role, precision=PrecisionConfig(bf16=False), lora=lora)
     checkpointing.load_checkpoint(ckpt, model, load_rng=False)
