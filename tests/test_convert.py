@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -388,7 +389,7 @@ def test_bad_input_fails_before_writing(hf_models, tmp_path, case):
         out.mkdir()
         (out / "keep.txt").write_text("x")
     before = sorted(os.listdir(out.parent))
-    with pytest.raises(ConversionError, match=_re(message)):
+    with pytest.raises(ConversionError, match=re.escape(message)):
         import_hf(src, str(out), tp=kw.get("tp", 1), pp=kw.get("pp", 1), show_progress=False)
     assert sorted(os.listdir(out.parent)) == before  # no output, no partial directory
     if kw.get("out_file"):
@@ -397,10 +398,23 @@ def test_bad_input_fails_before_writing(hf_models, tmp_path, case):
         assert "keep.txt" not in os.listdir(out) and os.path.exists(out / "latest")
 
 
-def _re(text: str) -> str:
-    import re
+def test_failure_while_writing_leaves_nothing(hf_models, tmp_path, monkeypatch):
+    """An error (or Ctrl-C) in the middle of writing removes the staging directory; --out never appears."""
+    from megatron_qrm.conversion.dcp_io import DistCheckpointWriter
 
-    return re.escape(text)
+    calls = {"n": 0}
+    original = DistCheckpointWriter.write_tensor
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistCheckpointWriter, "write_tensor", failing)
+    with pytest.raises(KeyboardInterrupt):
+        import_hf(hf_models["llama_gqa"], str(tmp_path / "ckpt"), tp=2, show_progress=False)
+    assert os.listdir(tmp_path) == []
 
 
 def test_dry_run_prints_plan_and_writes_nothing(hf_models, tmp_path, capsys):
