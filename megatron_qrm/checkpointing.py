@@ -43,7 +43,9 @@ def iter_dir_name(iteration: int) -> str:
 
 
 def _is_complete(path: str) -> bool:
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE)) and not path.endswith(".tmp")
+    # normpath: "iter_0000030.tmp/" (a trailing slash) is still a save in progress
+    return (os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG_FILE))
+            and not os.path.normpath(path).endswith(".tmp"))
 
 
 def resolve_checkpoint(path: str) -> Optional[str]:
@@ -172,13 +174,21 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
             os.fsync(f.fileno())
         os.replace(marker_tmp, os.path.join(save_dir, LATEST_FILE))
         if keep_last:
-            _prune(save_dir, keep_last)
+            _prune(save_dir, keep_last, iteration)
     dist.barrier()
     return final
 
 
-def _prune(save_dir: str, keep_last: int) -> None:
-    done = sorted(d for d in os.listdir(save_dir) if _ITER_RE.match(d))
+def _prune(save_dir: str, keep_last: int, iteration: int) -> None:
+    """Remove complete checkpoints older than the newest ``keep_last`` up to the one just saved.
+
+    Only complete checkpoints count, and nothing newer than ``iteration`` (e.g. left by a run that was
+    resumed from an earlier checkpoint) is considered: the checkpoint just saved, which ``latest`` names,
+    is never removed.
+    """
+    current = iter_dir_name(iteration)
+    done = sorted(d for d in os.listdir(save_dir)
+                  if _ITER_RE.match(d) and d <= current and _is_complete(os.path.join(save_dir, d)))
     for d in done[:-keep_last]:
         shutil.rmtree(os.path.join(save_dir, d), ignore_errors=True)
 

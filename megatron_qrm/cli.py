@@ -362,7 +362,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except (DataError, ValueError, FileNotFoundError) as e:
-        # user errors: one clear line naming the file:line or flag, no traceback
+        # user errors: one clear line naming the file:line or flag, no traceback; an open progress bar
+        # is closed first so that the message starts its own line
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()
         print(f"qrm {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -106,8 +106,8 @@ class MetricsLogger:
         run_config: configuration dict stored with the wandb run (and written to ``run_config.json``
             in ``out_dir`` for reference).
         total_steps: progress-bar total (``None``: open-ended bar).
-        start_step: step the run starts from (a resumed run's step); the bar starts there, and on
-            TensorBoard events at steps ``>= start_step`` from an earlier, crashed attempt are purged.
+        start_step: steps already done (a resumed run's checkpoint iteration); the bar starts there, and
+            on TensorBoard events at steps ``> start_step`` from an earlier, crashed attempt are purged.
         desc: progress-bar description.
         progress: show a tqdm progress bar.
     """
@@ -156,8 +156,9 @@ class MetricsLogger:
             else:
                 self._tb = SummaryWriter(
                     log_dir=os.path.join(self.out_dir, TENSORBOARD_SUBDIR),
-                    # on resume, hide events that a crashed attempt wrote past the checkpoint
-                    purge_step=start_step if start_step > 0 else None,
+                    # on resume, hide events that a crashed attempt wrote past the checkpoint: steps
+                    # 1..start_step are done (and logged), the first one this run logs is start_step + 1
+                    purge_step=start_step + 1 if start_step > 0 else None,
                 )
 
         if wandb_project:

@@ -143,7 +143,25 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
     return None
 
 
+def _check_checkpoint_flags(cfg: RewardTrainConfig) -> None:
+    """Fail first, naming the flag, when --load / --pretrained-checkpoint names no checkpoint.
+
+    ``--load`` may name a save directory without a checkpoint yet only when it is also ``--save`` (the
+    auto-resume idiom) or a ``--pretrained-checkpoint`` provides the start.
+    """
+    if cfg.load and checkpointing.resolve_checkpoint(cfg.load):
+        return
+    if cfg.load and not cfg.pretrained_checkpoint and cfg.load != cfg.save:
+        raise FileNotFoundError(f"--load {cfg.load}: no complete checkpoint there (expected "
+                                f"{checkpointing.CONFIG_FILE} in it, or a `latest` file naming one)")
+    if cfg.pretrained_checkpoint and not checkpointing.resolve_checkpoint(cfg.pretrained_checkpoint):
+        raise FileNotFoundError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint}: no complete checkpoint "
+                                f"there (expected {checkpointing.CONFIG_FILE} in it, or a `latest` file "
+                                "naming one)")
+
+
 def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
+    _check_checkpoint_flags(cfg)
     # ---- parallel state ----
     parallel.initialize(cfg.parallel)
     model_cfg, tokenizer_path, saved = resolve_model_and_tokenizer(cfg)
@@ -152,9 +170,14 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
         raise ValueError(f"--load {cfg.load} was trained with --reward-loss {saved['reward_loss']['kind']}, "
                          f"not {cfg.loss.kind}")
     rank0 = parallel.is_rank0()
+    # a resumed run starts at the checkpoint's iteration: the progress bar starts there and TensorBoard
+    # drops the events a killed attempt logged past that checkpoint (the logger needs it at creation)
+    resuming = bool(cfg.load and saved and checkpointing.resolve_checkpoint(cfg.load))
+    start_step = int(saved.get("iteration", 0)) if resuming else 0
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=rank0, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
-                           total_steps=cfg.train_iters, desc=f"train-rm ({cfg.loss.kind})",
+                           total_steps=cfg.train_iters, start_step=start_step,
+                           desc=f"train-rm ({cfg.loss.kind})",
                            run_config={"model": model_cfg.to_dict(), "loss": dataclasses.asdict(cfg.loss)})
 
     # ---- tokenizer and data ----
@@ -187,8 +210,6 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     state = checkpointing.TrainState()
     ref_sums = None
     resume_dir = checkpointing.resolve_checkpoint(cfg.load) if cfg.load else None
-    if cfg.load and resume_dir is None and not cfg.pretrained_checkpoint and cfg.load != cfg.save:
-        raise FileNotFoundError(f"--load {cfg.load}: no complete checkpoint there")
     if resume_dir:
         _, loaded_state = checkpointing.load_checkpoint(resume_dir, ddp, optimizer=optimizer, scheduler=scheduler)
         state = loaded_state or state
@@ -223,7 +244,6 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
                 "rejected_score": s["rejected_score_sum"] / n,
                 "margin": (s["chosen_score_sum"] - s["rejected_score_sum"]) / n, "valid_pairs": s["num_valid"]}
 
-    logger.start_step = state.iteration  # progress bar resumes where the run stopped
     # a global batch without a valid pair takes no optimizer step (as the reference)
     last = fit(ddp, optimizer, scheduler, cfg=LoopConfig(cfg.train_iters, cfg.global_batch_size, cfg.log_interval,
                                                           cfg.save_interval, cfg.exit_interval),
