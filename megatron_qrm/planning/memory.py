@@ -279,7 +279,8 @@ def layer_activation_bytes_per_token(m: ModelConfig, i: PlanInput, *, lora_rank:
     unless sequence parallelism splits them, "T" terms are split over TP):
 
     * norms (R): local spec (torch RMSNorm) keeps input, ``x * rstd`` and the output for each of the two
-      norms: ``6h``; TE's fused LayerNormLinear keeps input and normalised output: ``4h``;
+      norms: ``6h`` (``4h`` when the norms are frozen, as under LoRA); TE's fused LayerNormLinear keeps
+      input and normalised output: ``4h``;
     * attention (T): flash / SDPA / TE keep Q (h), K after RoPE (kv), the fused QKV output that V is a view of
       (h + 2kv) and the output (h): ``3h + 3kv`` (+ fp32 log-sum-exp, ``4a`` bytes); megatron's unfused
       DotProductAttention keeps Q, K and V expanded to every head, the output (``4h``) and the softmax
@@ -299,7 +300,8 @@ def layer_activation_bytes_per_token(m: ModelConfig, i: PlanInput, *, lora_rank:
     recompute = recompute if recompute is not None else i.recompute
     if recompute == "full":
         return h * e / sp_div
-    norms = (4 if i.transformer_impl == "te" else 6) * h * e
+    # local spec: torch RMSNorm keeps x * rstd only to form its weight's gradient: not for a frozen norm (LoRA)
+    norms = (4 if i.transformer_impl == "te" or lora_rank > 0 else 6) * h * e
     if i.flash or recompute == "selective":
         attn = (3 * h + 3 * kv) * e + (4 * a if i.flash else 0)
     else:
@@ -591,8 +593,9 @@ def smallest_fitting_layout(i: PlanInput, num_gpus: Optional[int] = None) -> Opt
 
 def make_plan(i: PlanInput, search: bool = True, max_gpus: int = 4096) -> Plan:
     """:func:`estimate` plus the smallest fitting layout on ``num_gpus`` GPUs (``plan.proposal``); when nothing
-    fits there, the same with full recomputation (and sequence parallelism), and the fewest GPUs (whole
-    nodes of 8) on which some layout fits (``plan.min_gpus``)."""
+    fits there as given, the same with full recomputation (and sequence parallelism); when nothing fits on
+    ``num_gpus`` GPUs at all, the fewest GPUs (whole nodes of 8 beyond 4) on which some layout fits
+    (``plan.min_gpus``, and the proposal is that layout)."""
     plan = estimate(i)
     if not search:
         return plan
@@ -603,7 +606,7 @@ def make_plan(i: PlanInput, search: bool = True, max_gpus: int = 4096) -> Plan:
         how = "with --recompute-granularity full --sequence-parallel"
     if found is not None:
         plan.proposal = _proposal(found, how)
-    if not plan.fits:
+    else:  # nothing fits on these GPUs: the fewest GPUs (whole nodes beyond 4) on which something does
         for n in [g for g in (1, 2, 4) if g > i.num_gpus] + list(range(GPUS_PER_NODE, max_gpus + 1, GPUS_PER_NODE)):
             if n <= i.num_gpus:
                 continue
@@ -611,10 +614,9 @@ def make_plan(i: PlanInput, search: bool = True, max_gpus: int = 4096) -> Plan:
                 dataclasses.replace(i, recompute="full", sequence_parallel=True), n)
             if p is not None:
                 plan.min_gpus = n
-                if plan.proposal is None:
-                    plan.proposal = _proposal(p, f"on {n} GPUs" + (
-                        " with --recompute-granularity full --sequence-parallel" if p.input.recompute == "full"
-                        and i.recompute != "full" else ""))
+                plan.proposal = _proposal(p, f"on {n} GPUs" + (
+                    " with --recompute-granularity full --sequence-parallel" if p.input.recompute == "full"
+                    and i.recompute != "full" else ""))
                 break
     return plan
 
