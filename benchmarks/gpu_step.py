@@ -199,16 +199,16 @@ def planned_peak(args, model_cfg, bf16: bool, impl: str) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.disable(logging.WARNING)
     import torch
 
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("gpu_step.py: no CUDA GPU here. It measures GPU throughput; `--cpu-smoke` runs a tiny model on CPU "
               "to check the script itself (its numbers mean nothing for GPUs).", file=sys.stderr)
         return 2
+    warnings.filterwarnings("ignore")
+    import logging
+
+    logging.disable(logging.WARNING)  # megatron-core logs its DDP / optimizer configs
     import megatron.core
 
     from megatron_qrm import parallel

@@ -6,6 +6,7 @@
 #            lr 1e-5 constant, 2 preference pairs per step, one epoch in file order
 #   ppo      PPO of Llama-3.2-3B-Instruct with the Q-RM's token credits: rollout batch 3072, lr 5e-6,
 #            clip 0.2, KL 0.01 (full-distribution KL), critic = the Q-RM backbone with LoRA r=128
+#            (no sequence parallelism: PPO_SEQUENCE_PARALLEL=1 turns it on)
 #
 # on NNODES x 8 A100-80GB. Before each training stage the memory plan (`qrm plan`) runs; a plan that
 # does not fit stops the script (SKIP_MEMORY_CHECK=1 overrides).
@@ -55,7 +56,7 @@ RDZV_ID="${RDZV_ID:-}"                  # set: c10d rendezvous at MASTER_ADDR:MA
 TORCHRUN_LOG_DIR="${TORCHRUN_LOG_DIR:-}" # set: per-rank logs there (torchrun --log-dir, --tee 3)
 GPU="${GPU:-a100-80gb}"                 # for the memory plan: a100-40gb | a100-80gb | h100-80gb | h200-141gb
 PLAN_TRANSFORMER_IMPL="${PLAN_TRANSFORMER_IMPL:-te}"   # te in NGC containers; local without Transformer Engine
-SKIP_MEMORY_CHECK="${SKIP_MEMORY_CHECK:-0}"
+SKIP_MEMORY_CHECK="${SKIP_MEMORY_CHECK:-0}"  # 1: go on when the plan does not fit (+ trainers' --skip-memory-check)
 WORLD=$(( NNODES * GPUS_PER_NODE ))
 
 # ---- models and outputs
@@ -86,7 +87,7 @@ QRM_GAMMA="${QRM_GAMMA:-2.0}"
 RM_LR="${RM_LR:-1e-5}"
 RM_MICRO_BATCH="${RM_MICRO_BATCH:-1}"   # preference pairs per micro-batch (2 sequences each)
 SEQUENCE_PARALLEL="${SEQUENCE_PARALLEL:-1}"
-RECOMPUTE="${RECOMPUTE:-}"              # '' | selective | full (activation recomputation)
+RECOMPUTE="${RECOMPUTE:-}"              # '' | selective | full: --recompute-granularity for plan and trainers
 RM_SAVE_INTERVAL="${RM_SAVE_INTERVAL:-1000}"
 RM_KEEP_LAST="${RM_KEEP_LAST:-2}"
 LOG_INTERVAL="${LOG_INTERVAL:-10}"
@@ -101,7 +102,8 @@ KL_COEF="${KL_COEF:-0.01}"
 PPO_ITERS="${PPO_ITERS:-12}"            # one pass over GSM8K's 37,365 prompts in chunks of 3072
 CRITIC_LORA_RANK="${CRITIC_LORA_RANK:-128}"
 CRITIC_LR="${CRITIC_LR:-1e-5}"
-PPO_MICRO_BATCH="${PPO_MICRO_BATCH:-2}"
+PPO_MICRO_BATCH="${PPO_MICRO_BATCH:-1}"  # sequences per update micro-batch (the 70B critic's update is the peak)
+PPO_SEQUENCE_PARALLEL="${PPO_SEQUENCE_PARALLEL:-0}"  # off: the KV-cache sampler feeds 1-token steps
 GEN_BATCH="${GEN_BATCH:-64}"            # sequences per generation call per data-parallel rank
 FORWARD_MICRO_BATCH="${FORWARD_MICRO_BATCH:-8}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-$SEQ}" # prompt + response <= SEQ in any case
@@ -158,14 +160,16 @@ if [[ -n "$TORCHRUN_LOG_DIR" ]]; then
 fi
 
 COMMON=(--bf16)
-[[ "$SEQUENCE_PARALLEL" == 1 ]] && COMMON+=(--sequence-parallel)
 PLAN_EXTRA=(--gpu "$GPU" --transformer-impl "$PLAN_TRANSFORMER_IMPL")
-[[ "$SEQUENCE_PARALLEL" == 1 ]] && PLAN_EXTRA+=(--sequence-parallel)
 if [[ -n "$RECOMPUTE" ]]; then
     COMMON+=(--recompute-granularity "$RECOMPUTE")
     PLAN_EXTRA+=(--recompute-granularity "$RECOMPUTE")
 fi
 [[ "$SKIP_MEMORY_CHECK" == 1 ]] && COMMON+=(--skip-memory-check)
+RM_SP=()
+[[ "$SEQUENCE_PARALLEL" == 1 ]] && RM_SP=(--sequence-parallel)
+PPO_SP=()
+[[ "$PPO_SEQUENCE_PARALLEL" == 1 ]] && PPO_SP=(--sequence-parallel)
 
 plan() {  # the memory plan; stops the script when it does not fit (unless SKIP_MEMORY_CHECK=1)
     local rc=0
@@ -210,7 +214,8 @@ stage_rm() {
     echo "# == Q-RM: $RM_PRESET, TP=$TP PP=$PP DP=$RM_DP, LoRA r=$LORA_RANK, $RM_ITERS steps of $RM_GLOBAL_BATCH pairs"
     plan --model "$RM_PRESET" --role reward --lora-rank "$LORA_RANK" \
         --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --num-gpus "$WORLD" \
-        --seq-length "$SEQ" --micro-batch-size "$RM_MICRO_BATCH" --global-batch-size "$RM_GLOBAL_BATCH" "${PLAN_EXTRA[@]}"
+        --seq-length "$SEQ" --micro-batch-size "$RM_MICRO_BATCH" --global-batch-size "$RM_GLOBAL_BATCH" \
+        "${RM_SP[@]}" "${PLAN_EXTRA[@]}"
     run "$TORCHRUN" "${TORCHRUN_ARGS[@]}" -m megatron_qrm train-rm \
         --pretrained-checkpoint "$RM_BASE" --load "$RM_SAVE" --save "$RM_SAVE" \
         --tokenizer "$HF_RM" --train-data "$RM_DATA" --chat-template --seq-length "$SEQ" --skip-long-prompts \
@@ -219,7 +224,7 @@ stage_rm() {
         --micro-batch-size "$RM_MICRO_BATCH" --global-batch-size "$RM_GLOBAL_BATCH" --train-iters "$RM_ITERS" \
         --no-shuffle --lr "$RM_LR" --lr-decay-style constant --clip-grad 0 --weight-decay 0 \
         --adam-beta1 0.9 --adam-beta2 0.999 --adam-eps 1e-8 \
-        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${COMMON[@]}" \
+        --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" "${RM_SP[@]}" "${COMMON[@]}" \
         --save-interval "$RM_SAVE_INTERVAL" --keep-last "$RM_KEEP_LAST" --log-interval "$LOG_INTERVAL"
     if [[ -n "$RM_TEST_DATA" ]]; then
         run "$TORCHRUN" "${TORCHRUN_ARGS[@]}" -m megatron_qrm eval-rm \
@@ -237,7 +242,7 @@ stage_ppo() {
         --tensor-model-parallel-size "$PPO_TP" --pipeline-model-parallel-size "$PPO_PP" --num-gpus "$WORLD" \
         --seq-length "$SEQ" --micro-batch-size "$PPO_MICRO_BATCH" --generation-batch-size "$GEN_BATCH" \
         --forward-micro-batch-size "$FORWARD_MICRO_BATCH" --rollout-batch-size "$ROLLOUT_BATCH" \
-        "${offload[@]}" "${PLAN_EXTRA[@]}"
+        "${offload[@]}" "${PPO_SP[@]}" "${PLAN_EXTRA[@]}"
     local evaluation=()
     [[ -n "$EVAL_DATA" ]] && evaluation=(--eval-data "$EVAL_DATA" --task "$TASK")
     run "$TORCHRUN" "${TORCHRUN_ARGS[@]}" -m megatron_qrm train-ppo \
@@ -250,7 +255,7 @@ stage_ppo() {
         --lr "$PPO_LR" --clip-grad 0 --weight-decay 0 --ppo-epochs 1 \
         --micro-batch-size "$PPO_MICRO_BATCH" --global-batch-size "$PPO_GLOBAL_BATCH" \
         --forward-micro-batch-size "$FORWARD_MICRO_BATCH" --train-iters "$PPO_ITERS" \
-        --tensor-model-parallel-size "$PPO_TP" --pipeline-model-parallel-size "$PPO_PP" "${COMMON[@]}" \
+        --tensor-model-parallel-size "$PPO_TP" --pipeline-model-parallel-size "$PPO_PP" "${PPO_SP[@]}" "${COMMON[@]}" \
         "${offload[@]}" "${evaluation[@]}" \
         --load "$PPO_SAVE" --save "$PPO_SAVE" --save-interval 1 --log-interval 1
 }

@@ -473,6 +473,7 @@ def test_run_qrm_70b_dry_run_commands_parse(tmp_path):
     assert (ppo.rollout_batch_size, ppo.lr, ppo.clip_eps, ppo.kl_coef, ppo.kl_estimator) == \
         (3072, 5e-6, 0.2, 0.01, "full")
     assert ppo.critic_lora_rank == 128 and ppo.offload and ppo.eval_data == "test.jsonl"
+    assert rm.sequence_parallel and not ppo.sequence_parallel
     assert ppo.load == ppo.save and ppo.reward_model == rm.save
     assert ppo.rollout_batch_size % ppo.global_batch_size == 0
     assert ppo.global_batch_size % (ppo.micro_batch_size * 2) == 0  # DP = 2

@@ -76,7 +76,12 @@ def check_fits(model: ModelConfig, role: str, *, tensor_parallel: int, pipeline_
     ``reward_lora_rank=``, ``critic_lora_rank=``, ``reference=``, ``offload=``, ``generation_batch_size=``,
     ``forward_micro_batch_size=``, ``rollout_batch_size=``, ``samples_per_prompt=`` as in :class:`PlanInput`).
     On CPU the plan is logged, never enforced. Returns the plan.
+
+    A DPO-RM trains an LM on pairs: pass ``role="policy"`` with ``micro_batch_size`` and
+    ``global_batch_size`` doubled (sequences, not pairs).
     """
+    if not model.vocab_size:
+        raise ValueError("check_fits: the model's vocab_size is 0; fill it from the tokenizer first")
     gpu_key, total = detect_gpu()
     on_gpu = total is not None
     impl = _resolve_impl(transformer_impl) if on_gpu else "local"
