@@ -136,6 +136,14 @@ def add_lora_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-targets", default="qkv,proj,fc1,fc2")
 
 
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    from megatron_qrm.planning import add_memory_check_args, add_recompute_args
+
+    g = p.add_argument_group("memory")
+    add_recompute_args(g)
+    add_memory_check_args(g)
+
+
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--load", help="resume from this checkpoint (save dir or iter_* dir)")
@@ -181,6 +189,7 @@ def build_train_rm_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--dpo-beta", type=float, default=0.1)
     add_training_args(p, unit="preference pairs")
     add_lora_args(p)
+    add_memory_args(p)
     add_checkpoint_args(p)
     add_logging_args(p)
     p.set_defaults(func=run_train_rm)
@@ -200,7 +209,9 @@ def _common_run_fields(args) -> dict:
         load=args.load, pretrained_checkpoint=args.pretrained_checkpoint, save=args.save,
         save_interval=args.save_interval, keep_last=args.keep_last, exit_interval=args.exit_interval,
         log_interval=args.log_interval, log_dir=args.log_dir, tensorboard=not args.no_tensorboard,
-        wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, transformer_impl=args.transformer_impl)
+        wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, transformer_impl=args.transformer_impl,
+        recompute_granularity=args.recompute_granularity, recompute_num_layers=args.recompute_num_layers,
+        skip_memory_check=args.skip_memory_check)
 
 
 def run_train_rm(args) -> int:
@@ -240,6 +251,7 @@ def build_train_sft_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-examples", type=int)
     add_training_args(p, unit="examples")
     add_lora_args(p)
+    add_memory_args(p)
     add_checkpoint_args(p)
     add_logging_args(p)
     p.set_defaults(func=run_train_sft)
@@ -339,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_qrm.evaluation.check_answers import add_parser as add_check_answers_parser
 
     add_check_answers_parser(sub)
+    from megatron_qrm.planning import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -357,11 +372,9 @@ def _setup_logging() -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     _setup_logging()
     args = build_parser().parse_args(argv)
-    from megatron_qrm.data.sources import DataError
-
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # DataError and PlanDoesNotFit are ValueErrors
         # user errors: one clear line naming the file:line or flag, no traceback; an open progress bar
         # is closed first so that the message starts its own line
         from tqdm import tqdm
@@ -371,9 +384,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"qrm {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
-        from megatron_qrm import parallel
-
-        parallel.destroy()
+        if "megatron_qrm.parallel" in sys.modules:  # `qrm plan` never imports torch
+            sys.modules["megatron_qrm.parallel"].destroy()
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ else, so tests and the CPU demo can run the real GPTModel, schedules, DDP and Di
 * ``Tensor.cuda()`` -> identity;
 * the CUDA RNG state tracker -> a tracker holding CPU generator states (same fork/add API);
 * the optimizers' ``param.type() == 'torch.cuda.FloatTensor'`` checks -> CPU tensors report the
-  CUDA type name.
+  CUDA type name;
+* activation recomputation saves/restores the CUDA RNG state and rebuilds the causal mask with
+  ``device="cuda"`` in backward (where the function mode above is not active) -> no-op RNG state and a
+  CPU causal mask.
 
 :func:`enable` is idempotent and refuses to run when CUDA is present: it must never touch the GPU path.
 """
@@ -17,6 +20,7 @@ else, so tests and the CPU demo can run the real GPTModel, schedules, DDP and Di
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -106,6 +110,11 @@ def _cpu_model_parallel_seed(seed: int, *args, **kwargs) -> None:
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 100 + ps.get_expert_model_parallel_rank())
 
 
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
 def enable() -> None:
     """Install the emulation for this process. No-op if already enabled; error if CUDA is usable."""
     global _ENABLED
@@ -129,6 +138,13 @@ def enable() -> None:
         return _type(self, dtype, *args, **kwargs)
 
     torch.Tensor.type = _type_as_cuda
+
+    # recomputation (tensor_parallel.checkpoint) stashes and restores the CUDA RNG state around the replay
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

@@ -22,6 +22,7 @@ from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_p
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
 from megatron_qrm.models.lora import is_lora_param
+from megatron_qrm.planning import check_fits
 from megatron_qrm.rewards.scoring import (
     METRIC_NAMES,
     RewardLossConfig,
@@ -60,6 +61,9 @@ class RewardTrainConfig:
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None
     transformer_impl: str = "auto"
+    recompute_granularity: Optional[str] = None
+    recompute_num_layers: int = 1
+    skip_memory_check: bool = False
     exit_interval: Optional[int] = None  # stop (after saving) at this iteration: for tests/preemption
 
 
@@ -196,10 +200,20 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
 
-    # ---- model, DDP, optimizer ----
+    # ---- memory plan (refuses on a GPU when it cannot fit, unless --skip-memory-check), model, DDP, optimizer ----
+    seqs_per_pair = 2 if cfg.loss.role == "policy" else 1  # DPO-RM: an LM over both sequences of a pair
+    check_fits(model_cfg, "reward" if cfg.loss.role == "reward" else "policy",
+               tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+               pipeline_parallel=cfg.parallel.pipeline_model_parallel_size, world_size=dist.get_world_size(),
+               micro_batch_size=cfg.micro_batch_size * seqs_per_pair,
+               global_batch_size=cfg.global_batch_size * seqs_per_pair, seq_length=cfg.data.seq_length,
+               lora_rank=cfg.lora.rank, bf16=cfg.optim.bf16, sequence_parallel=cfg.parallel.sequence_parallel,
+               recompute_granularity=cfg.recompute_granularity, transformer_impl=cfg.transformer_impl,
+               distributed_optimizer=cfg.optim.use_distributed_optimizer, skip=cfg.skip_memory_check)
     model = build_model(model_cfg, cfg.loss.role, precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
                         sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
-                        seed=cfg.parallel.seed)
+                        seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
+                        recompute_num_layers=cfg.recompute_num_layers)
     total, trainable = count_parameters(model)
     logger.message(f"model: role={cfg.loss.role} layer spec={model.transformer_impl} "
                    f"params (this rank)={total:,} trainable={trainable:,} lora_rank={cfg.lora.rank}")

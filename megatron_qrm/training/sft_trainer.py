@@ -21,6 +21,7 @@ from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.data.sft import SFTDataConfig, SFTDataset
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
 from megatron_qrm.models.lora import is_lora_param
+from megatron_qrm.planning import check_fits
 from megatron_qrm.training.engine import OptimConfig, build_optimizer, to_device, wrap_ddp
 from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
@@ -51,6 +52,9 @@ class SFTTrainConfig:
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None
     transformer_impl: str = "auto"
+    recompute_granularity: Optional[str] = None
+    recompute_num_layers: int = 1
+    skip_memory_check: bool = False
     exit_interval: Optional[int] = None
 
 
@@ -100,9 +104,17 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
     pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
 
+    check_fits(model_cfg, "policy", tensor_parallel=cfg.parallel.tensor_model_parallel_size,
+               pipeline_parallel=cfg.parallel.pipeline_model_parallel_size, world_size=dist.get_world_size(),
+               micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
+               seq_length=cfg.data.seq_length, lora_rank=cfg.lora.rank, bf16=cfg.optim.bf16,
+               sequence_parallel=cfg.parallel.sequence_parallel, recompute_granularity=cfg.recompute_granularity,
+               transformer_impl=cfg.transformer_impl, distributed_optimizer=cfg.optim.use_distributed_optimizer,
+               skip=cfg.skip_memory_check)
     model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
                         sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
-                        seed=cfg.parallel.seed)
+                        seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
+                        recompute_num_layers=cfg.recompute_num_layers)
     total, trainable = count_parameters(model)
     logger.message(f"model: policy, layer spec={model.transformer_impl}, params (this rank)={total:,} "
                    f"trainable={trainable:,}")
