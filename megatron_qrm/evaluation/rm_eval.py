@@ -77,8 +77,10 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
 
     reference = None
     if loss_cfg.kind == "dpo" and not lora.enabled:
+        cfg.reference_checkpoint = cfg.reference_checkpoint or saved.get("pretrained_checkpoint")
         if not cfg.reference_checkpoint:
-            raise ValueError("a full fine-tuned DPO-RM needs its reference model: pass --reference-checkpoint")
+            raise ValueError("a full fine-tuned DPO-RM needs its reference model: pass --reference-checkpoint "
+                             "(the checkpoint records no --pretrained-checkpoint to use)")
         reference = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.bf16),
                                 sequence_parallel=cfg.parallel.sequence_parallel)
         checkpointing.load_checkpoint(cfg.reference_checkpoint, reference, load_rng=False,

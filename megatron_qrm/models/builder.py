@@ -173,6 +173,7 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
         rope_scaling_factor=model.rope_scaling_factor or 8.0,
     )
     gpt.transformer_impl = impl
+    gpt.real_vocab_size = model.vocab_size  # padded columns beyond it are masked (models/logits.py)
     if scored and gpt.post_process:
         # the head replaces the LM head: GPTModel's post-processing then returns [b, s, 1] scores
         gpt.output_layer = TokenHead(tcfg, model.hidden_size, seed=seed)

@@ -78,6 +78,8 @@ def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer
         "chat_template": cfg.data.chat_template,
         "seq_length": cfg.data.seq_length,
         "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "path"},
+        # a full fine-tuned DPO-RM's reference policy (eval-rm's default --reference-checkpoint)
+        "pretrained_checkpoint": os.path.abspath(cfg.pretrained_checkpoint) if cfg.pretrained_checkpoint else None,
     }
 
 
@@ -230,11 +232,13 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
         ref_sums = checkpointing.load_extra_file(resume_dir, DPO_REFERENCE_FILE)
         logger.message(f"resumed from {resume_dir} at iteration {state.iteration}")
     elif cfg.pretrained_checkpoint:
-        # a base model: its transformer weights; the token head and LoRA adapters start fresh
-        scored = cfg.loss.role == "reward"
-        keep = lambda k: not is_lora_param(k) and not (scored and k.startswith("output_layer."))  # noqa: E731
+        # a base model: its transformer weights; LoRA adapters start fresh, and so does the token head
+        # unless the checkpoint has one (a reward model, e.g. imported from *ForTokenClassification)
+        pretrained_role = checkpointing.read_config(cfg.pretrained_checkpoint).get("role")
+        fresh_head = cfg.loss.role == "reward" and pretrained_role not in ("reward", "critic")
+        keep = lambda k: not is_lora_param(k) and not (fresh_head and k.startswith("output_layer."))  # noqa: E731
         checkpointing.load_checkpoint(cfg.pretrained_checkpoint, ddp, load_rng=False, model_key_filter=keep)
-        logger.message(f"initialised from {cfg.pretrained_checkpoint} (fresh head/adapters)")
+        logger.message(f"initialised from {cfg.pretrained_checkpoint} ({'fresh' if fresh_head else 'its'} head)")
     if cfg.loss.kind == "dpo" and ref_sums is None and not (resume_dir and not ps.is_pipeline_last_stage()):
         ref_sums = compute_reference_logps(ddp, dataset, cfg.micro_batch_size, tokenizer.pad_id, pad_multiple, logger)
 

@@ -20,6 +20,7 @@ from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.data.sft import SFTDataConfig, SFTDataset
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
+from megatron_qrm.models.logits import next_token_nll, real_vocab_size
 from megatron_qrm.models.lora import is_lora_param
 from megatron_qrm.planning import check_fits
 from megatron_qrm.training.engine import OptimConfig, build_optimizer, to_device, wrap_ddp
@@ -61,9 +62,11 @@ class SFTTrainConfig:
 def sft_forward_step(data_iterator, model):
     """Per-token cross-entropy of the next token (vocab-parallel), summed over response positions."""
     batch = to_device(next(data_iterator))
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+    vocab = real_vocab_size(model)
 
-    def loss_func(ce):
+    def loss_func(logits):
+        ce = next_token_nll(logits, batch["labels"], vocab)
         mask = batch["label_mask"]
         loss_sum = (ce.float() * mask).sum()
         count = mask.sum()
