@@ -9,8 +9,10 @@ elsewhere), which is also where the update's loss functions run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
@@ -132,3 +134,181 @@ def head_scores(model, exp: dict, micro_batch_size: int, shift_to_state: bool) -
         return {"v": shift_right(s) if shift_to_state else s, "rows": b["rows"]}
 
     return _assemble(forward_collect(model, _batches(exp, micro_batch_size), fn), "v", n, length)
+
+
+# ----------------------------------------------------------------------------- re-tokenising for a reward model
+# (--allow-retokenize: the reward model was trained with another tokenizer than the actor's)
+
+RETOKENIZE_CONTEXT = 6  # ids decoded before each id: SentencePiece leading spaces, UTF-8 split over byte tokens
+
+
+def _nonspace(text: str) -> int:
+    return sum(1 for c in text if not c.isspace())
+
+
+def _decode_many(tokenizer, seqs: list[list[int]]) -> list[str]:
+    """Decode many id lists; one backend call when the tokenizer offers ``decode_batch``."""
+    batch = getattr(tokenizer, "decode_batch", None)
+    if batch is not None:
+        return list(batch(seqs))
+    return [tokenizer.decode(s) if s else "" for s in seqs]
+
+
+def token_text_ends(tokenizer, contexts: list[list[int]], seqs: list[list[int]],
+                    window: int = RETOKENIZE_CONTEXT) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """For each row: the text ``seq`` adds after ``context`` (so a leading space survives) and, for each id
+    of ``seq``, where it ends in that text: in characters, and in non-whitespace characters.
+
+    Each id's share is measured with the ``window`` ids before it as context (decode(ctx + [id]) minus
+    decode(ctx)): a SentencePiece word-initial piece keeps its space, an id that completes a UTF-8
+    character split over byte tokens adds 0 (the replacement character was counted at the first byte).
+    Non-whitespace counts make positions comparable between tokenizers that normalise whitespace
+    differently.
+    """
+    requests: list[list[int]] = []
+    layout = []
+    for ctx, seq in zip(contexts, seqs):
+        tail = list(ctx[-window:]) if window else []
+        full = tail + list(seq)
+        c = len(tail)
+        first = len(requests)
+        requests += [tail, full]
+        for k in range(len(seq)):
+            lo = max(0, c + k - window)
+            requests += [full[lo:c + k], full[lo:c + k + 1]]
+        layout.append((first, len(seq)))
+    decoded = _decode_many(tokenizer, requests)
+    texts, char_ends, nonspace_ends = [], [], []
+    for (first, n), seq in zip(layout, seqs):
+        before, whole = decoded[first], decoded[first + 1]
+        text = whole[len(before):] if whole.startswith(before) else tokenizer.decode(list(seq))
+        texts.append(text)
+        pairs = decoded[first + 2:first + 2 + 2 * n]
+        chars = [max(0, len(pairs[2 * k + 1]) - len(pairs[2 * k])) for k in range(n)]
+        nonspace = [max(0, _nonspace(pairs[2 * k + 1]) - _nonspace(pairs[2 * k])) for k in range(n)]
+        # the window can disagree with the whole decode in odd cases (invalid byte sequences): stay inside
+        char_ends.append(np.minimum(np.cumsum(chars, dtype=np.int64), len(text)).tolist() if n else [])
+        nonspace_ends.append(np.minimum(np.cumsum(nonspace, dtype=np.int64), _nonspace(text)).tolist() if n else [])
+    return texts, char_ends, nonspace_ends
+
+
+@dataclass
+class RetokenizedBatch:
+    """A rollout rendered for a reward model with another tokenizer, and the way back.
+
+    ``exp``: ``tokens``/``position_ids``/``action_mask`` [N, L_rm] of the reward model's sequences
+    ([BOS] its prompt, the decoded response re-encoded, EOS where the actor's response ended with a stop
+    token), laid out as in reward-model training. ``index`` [N, L] (long): for each actor position the
+    reward-model position whose credit it takes; ``valid`` [N, L]: 1 at actor actions that got one.
+    """
+
+    exp: dict[str, torch.Tensor]
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    def map_back(self, rm_values: torch.Tensor) -> torch.Tensor:
+        """[N, L_rm] per-position values of the reward model -> [N, L] at the actor's positions."""
+        return rm_values.gather(1, self.index.to(rm_values.device)) * self.valid.to(rm_values.device)
+
+
+def retokenize_for_reward(exp: dict[str, torch.Tensor], actor_tok, rm_tok, rm_prompts: list[list[int]],
+                          max_length: int, window: int = RETOKENIZE_CONTEXT) -> RetokenizedBatch:
+    """Map a rollout to a reward model's tokenizer (``--allow-retokenize``).
+
+    Each response (without its final stop token) is decoded with the actor's tokenizer and encoded with
+    the reward model's, after the reward model's own rendering of the prompt (``rm_prompts``: its ids,
+    BOS included); a response that ended with a stop token gets the reward model's EOS. Credits come back
+    by character position: every actor token takes the credit of the reward-model token that covers its
+    last character (character positions in the decoded text when the reward model's tokens spell it
+    exactly, else positions counted in non-whitespace characters, where a token of whitespace only takes
+    the token of the next character); the stop token takes the EOS's. Sequences longer than ``max_length``
+    lose the end of the response (EOS first), as in reward-model training; actor tokens past the cut take
+    the last kept token's credit.
+    """
+    tokens, plens, rlens = exp["tokens"], exp["prompt_lens"].tolist(), exp["response_lens"].tolist()
+    finished = exp["finished"].tolist()
+    n, length = tokens.shape
+    rows = tokens.tolist()
+    bodies, stop = [], []
+    for i in range(n):
+        p, r = plens[i], rlens[i]
+        ends_with_stop = bool(finished[i]) and r > 0  # `finished`: the last generated token is a stop token
+        bodies.append(rows[i][p:p + r - 1] if ends_with_stop else rows[i][p:p + r])
+        stop.append(ends_with_stop)
+    texts, a_chars, a_nonspace = token_text_ends(actor_tok, [rows[i][:plens[i]] for i in range(n)], bodies, window)
+    rm_resp = rm_tok.encode_batch(texts)
+    rm_texts, b_chars, b_nonspace = token_text_ends(rm_tok, rm_prompts, rm_resp, window)
+    # character positions where the reward model's tokens spell the actor's text exactly (the usual case);
+    # non-whitespace positions where its tokenizer normalised the text (e.g. SentencePiece whitespace)
+    by_char = [rm_texts[i] == texts[i] for i in range(n)]
+    actor_ends = [a_chars[i] if by_char[i] else a_nonspace[i] for i in range(n)]
+    rm_ends = [b_chars[i] if by_char[i] else b_nonspace[i] for i in range(n)]
+
+    seqs, rm_plens, kept_text, eos_pos = [], [], [], []
+    for i in range(n):
+        room = max_length - len(rm_prompts[i])
+        if room < 1:
+            raise ValueError(f"a prompt (#{int(exp['prompt_index'][i]) if 'prompt_index' in exp else i}) is "
+                             f"{len(rm_prompts[i])} tokens for the reward model's tokenizer, which leaves no room "
+                             f"for a response within {max_length} tokens")
+        body = rm_resp[i][:room]
+        with_eos = stop[i] and len(body) < room
+        seqs.append(list(rm_prompts[i]) + body + ([rm_tok.eos_id] if with_eos else []))
+        rm_plens.append(len(rm_prompts[i]))
+        kept_text.append(len(body))
+        eos_pos.append(len(rm_prompts[i]) + len(body) if with_eos else -1)
+    l_rm = max(map(len, seqs))
+    rm_tokens = torch.full((n, l_rm), rm_tok.pad_id, dtype=torch.long)
+    rm_mask = torch.zeros(n, l_rm)
+    for i, s in enumerate(seqs):
+        rm_tokens[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        rm_mask[i, rm_plens[i]:len(s)] = 1.0
+
+    # actor token k -> the first kept RM token whose (non-whitespace) end lies past the actor token's last char
+    ra = max([len(e) for e in actor_ends] + [1])
+    rb = max([len(e) for e in rm_ends] + [1])
+    big = np.iinfo(np.int64).max // 4
+    a = torch.zeros(n, ra, dtype=torch.long)
+    a_len = torch.tensor([len(e) for e in actor_ends])
+    b = torch.full((n, rb), big, dtype=torch.long)
+    for i in range(n):
+        if actor_ends[i]:
+            a[i, :len(actor_ends[i])] = torch.as_tensor(actor_ends[i])
+        if kept_text[i]:
+            b[i, :kept_text[i]] = torch.as_tensor(rm_ends[i][:kept_text[i]])
+    prev = torch.cat([torch.zeros(n, 1, dtype=torch.long), a[:, :-1]], dim=1)
+    char_rows = torch.tensor(by_char)[:, None]
+    empty = a == prev  # the token adds no (non-whitespace) character
+    # its last character; by non-whitespace characters a whitespace-only token takes the next character's
+    target = torch.where(empty & ~char_rows, a, (a - 1).clamp(min=0))
+    kept = torch.tensor(kept_text)
+    last = (kept - 1).clamp(min=0)[:, None]
+    j = torch.minimum(torch.searchsorted(b, target, right=True), last)
+    # by characters, a token that adds none completes a character split over byte tokens: it takes the
+    # reward model's token that completes that character (the last one ending there)
+    j_end = torch.searchsorted(b, b.gather(1, j), right=True) - 1
+    j = torch.where(empty & char_rows, torch.minimum(torch.maximum(j, j_end), last), j)
+    plen_rm = torch.tensor(rm_plens)
+    rm_pos = plen_rm[:, None] + j  # [N, ra]
+    has_text = (kept > 0)[:, None]
+    eos = torch.tensor(eos_pos)
+    # rows without any kept response token: everything takes the EOS's credit (if any), else nothing
+    rm_pos = torch.where(has_text, rm_pos, eos.clamp(min=0)[:, None].expand_as(rm_pos))
+    ok = (torch.arange(ra)[None, :] < a_len[:, None]) & (has_text | (eos >= 0)[:, None])
+
+    index = torch.zeros(n, length, dtype=torch.long)
+    valid = torch.zeros(n, length)
+    cols = torch.as_tensor(plens)[:, None] + torch.arange(ra)[None, :]  # actor positions of the body tokens
+    in_range = ok & (cols < length)
+    r_idx = torch.arange(n)[:, None].expand_as(cols)
+    index[r_idx[in_range], cols[in_range]] = rm_pos[in_range]
+    valid[r_idx[in_range], cols[in_range]] = 1.0
+    for i in range(n):  # the stop token -> the EOS (or, when the EOS was cut, the last kept token)
+        if stop[i]:
+            p_stop = plens[i] + rlens[i] - 1
+            target_pos = eos_pos[i] if eos_pos[i] >= 0 else (rm_plens[i] + kept_text[i] - 1 if kept_text[i] else -1)
+            if target_pos >= 0:
+                index[i, p_stop], valid[i, p_stop] = target_pos, 1.0
+    rm_exp = {"tokens": rm_tokens, "position_ids": torch.arange(l_rm).expand(n, l_rm).contiguous(),
+              "action_mask": rm_mask}
+    return RetokenizedBatch(rm_exp, index, valid * (exp["action_mask"] > 0).float())

@@ -44,6 +44,7 @@ from megatron_qrm.rl.experience import (
     mask_padded_vocab,
     policy_logprobs,
     policy_logprobs_and_full_kl,
+    retokenize_for_reward,
     shift_right,
     token_logprobs,
 )
@@ -251,6 +252,11 @@ class RLTrainer:
                 raise ValueError("--actor-checkpoint (the initial policy) is required")
         actor_src = resume_dir or cfg.actor
         actor_cfg = _read(actor_src, "--actor-checkpoint")
+        if resume_dir and not cfg.actor:  # the reference (and an actor-initialised critic) start from it
+            cfg.actor = actor_cfg.get("rl", {}).get("initial_actor")
+            if not cfg.actor:
+                raise ValueError(f"--load {cfg.load}: the checkpoint does not record the initial policy; pass "
+                                 f"--actor-checkpoint")
         if reward_fn is None:
             if cfg.reward_model is None:
                 raise ValueError("--reward-model is required")
@@ -267,14 +273,26 @@ class RLTrainer:
         self.tokenizer = load_tokenizer(tok_path)
         self.tokenizer_path = tok_path
         rm_tok = (rm_cfg or {}).get("tokenizer")
+        self.rm_tokenizer = None  # set when responses must be re-tokenised for the reward model
         if rm_tok and os.path.abspath(rm_tok) != os.path.abspath(tok_path):
-            if not _probe_tokenizers_match(self.tokenizer, load_tokenizer(rm_tok)):
+            other = load_tokenizer(rm_tok)
+            if not _probe_tokenizers_match(self.tokenizer, other):
                 if not cfg.allow_retokenize:
                     raise ValueError(f"the reward model's tokenizer ({rm_tok}) differs from the actor's ({tok_path}); "
                                      f"its credits would not line up with the actor's tokens. Pass "
                                      f"--allow-retokenize to accept it")
-                raise NotImplementedError("--allow-retokenize: re-tokenising responses for a reward model with "
-                                          "another tokenizer is not implemented yet")
+                self.rm_tokenizer = other
+                self.rm_chat_template = bool(rm_cfg.get("chat_template", False))
+                self.rm_max_length = int(ModelConfig.from_dict(rm_cfg["model"]).max_position_embeddings)
+                self._rm_prompt_cache: dict[int, list[int]] = {}
+                if cfg.algo == "ppo" and cfg.critic_init == "reward":
+                    log.warning("--allow-retokenize: the critic reads the actor's tokens, so it cannot start from the "
+                                "reward model (another vocabulary); using --critic-init actor")
+                    cfg.critic_init = "actor"
+        if cfg.algo == "ppo" and cfg.critic_init == "checkpoint":
+            if not cfg.critic_checkpoint:
+                raise ValueError("--critic-init checkpoint needs --critic-checkpoint")
+            _read(cfg.critic_checkpoint, "--critic-checkpoint")  # fail before building any model
         if cfg.algo == "reinforce":
             cfg.advantage = "returns"  # REINFORCE: standardised credits (Q-RM) or the sequence reward as returns
         elif cfg.advantage is None:
@@ -305,13 +323,17 @@ class RLTrainer:
                             "chat_template": self.prompts.cfg.chat_template, "seq_length": cfg.prompts.seq_length,
                             "lora": dataclasses.asdict(LoRAConfig()), "rl": {"algo": cfg.algo, "advantage": cfg.advantage,
                                                                             "reward_model": cfg.reward_model,
-                                                                            "reward_kind": self.rm_kind}}
+                                                                            "reward_kind": self.rm_kind,
+                                                                            "initial_actor": os.path.abspath(cfg.actor)}}
         self.logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=parallel.is_rank0(), tensorboard=cfg.tensorboard,
                                     wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
                                     total_steps=cfg.train_iters, start_step=self.state.iteration,
                                     desc=f"train-{cfg.algo} ({self.rm_kind})")
         self.logger.message(f"{cfg.algo}: reward={self.rm_kind} advantage={cfg.advantage} prompts={len(self.prompts)} "
-                            f"({self.prompts.stats}) rollout={cfg.rollout_batch_size}x{cfg.samples_per_prompt}")
+                            f"({self.prompts.stats}) rollout={cfg.rollout_batch_size}x{cfg.samples_per_prompt}"
+                            + (" (reward model scores re-tokenised responses)" if self.rm_tokenizer is not None else ""))
+        if resume_dir:
+            self.logger.message(f"resumed from {resume_dir} at iteration {self.state.iteration}")
 
     # ---- checkpoints (critic first, actor last: the actor's `latest` commits the iteration)
     def _save(self) -> None:
@@ -374,20 +396,48 @@ class RLTrainer:
         _offload(r.reward, True, cfg.offload)
         if self.reward_fn is not None:
             exp["credits"] = self.reward_fn(exp) if ps.is_pipeline_last_stage() else None
-        elif self.rm_kind == "dpo":
+        elif self.rm_tokenizer is not None:
+            exp["credits"] = self.retokenized_credits(exp)
+        else:
+            exp["credits"] = self._reward_credits(exp, vocab)
+        _offload(r.reward, False, cfg.offload)
+        if r.critic is not None:
+            exp["values"] = head_scores(r.critic, exp, mb, shift_to_state=True)
+        return exp
+
+    def _reward_credits(self, exp: dict, vocab: int) -> Optional[torch.Tensor]:
+        """Per-position credits [N, L] of the reward model on ``exp``'s tokens (last stage; None elsewhere)."""
+        r, mb = self.roles, self.cfg.forward_micro_batch_size
+        if self.rm_kind == "dpo":
             logp_dpo = policy_logprobs(r.reward, exp, mb, vocab)
             if r.reward_reference is None:
                 with lora_disabled(r.reward):
                     logp_dpo_ref = policy_logprobs(r.reward, exp, mb, vocab)
             else:
                 logp_dpo_ref = policy_logprobs(r.reward_reference, exp, mb, vocab)
-            exp["credits"] = None if logp_dpo is None else adv.dpo_token_rewards(logp_dpo, logp_dpo_ref, exp["action_mask"])
-        else:
-            exp["credits"] = head_scores(r.reward, exp, mb, shift_to_state=False)
-        _offload(r.reward, False, cfg.offload)
-        if r.critic is not None:
-            exp["values"] = head_scores(r.critic, exp, mb, shift_to_state=True)
-        return exp
+            return None if logp_dpo is None else adv.dpo_token_rewards(logp_dpo, logp_dpo_ref, exp["action_mask"])
+        return head_scores(r.reward, exp, mb, shift_to_state=False)
+
+    def _rm_prompt_ids(self, index: int) -> list[int]:
+        """Prompt ``index`` rendered and encoded for the reward model's tokenizer (BOS as in its training)."""
+        ids = self._rm_prompt_cache.get(index)
+        if ids is None:
+            tok = self.rm_tokenizer
+            text, has_bos = tok.render_prompt(self.prompts.instructions[index], self.rm_chat_template)
+            ids = tok.encode(text)
+            if tok.bos_id is not None and not has_bos:
+                ids = [tok.bos_id] + ids
+            self._rm_prompt_cache[index] = ids
+        return ids
+
+    def retokenized_credits(self, exp: dict) -> Optional[torch.Tensor]:
+        """``--allow-retokenize``: score the decoded responses with the reward model's own tokenizer and give
+        every actor token the credit of the reward-model token covering its last character
+        (:func:`megatron_qrm.rl.experience.retokenize_for_reward`)."""
+        rm_prompts = [self._rm_prompt_ids(int(i)) for i in exp["prompt_index"].tolist()]
+        batch = retokenize_for_reward(exp, self.tokenizer, self.rm_tokenizer, rm_prompts, self.rm_max_length)
+        rm_credits = self._reward_credits(batch.exp, self.rm_tokenizer.vocab_size)
+        return None if rm_credits is None else batch.map_back(rm_credits)
 
     # ---- 3. advantages (last stage; statistics over every DP rank's rollout)
     def advantages(self, exp: dict) -> dict[str, float]:

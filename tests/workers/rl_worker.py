@@ -161,25 +161,31 @@ def _save_random_model(path: str, role: str, tokenizer_path: str, vocab: int, se
     checkpointing.save_checkpoint(path, 0, model, meta)
 
 
-def target_frequency(model, tokenizer, prompts, target: int, seeds, max_new_tokens: int) -> float:
-    """Share of sampled response tokens equal to ``target`` (same prompts and seeds every call)."""
+def token_counts(model, tokenizer, prompts, seeds, max_new_tokens: int):
+    """How often each token id is sampled in the responses to ``prompts`` (same seeds every call), and
+    the number of sampled tokens."""
+    import torch
+
     from megatron_qrm.rl.rollout import SamplingConfig, generate
 
-    hits = total = 0.0
+    counts = torch.zeros(tokenizer.vocab_size)
     for seed in seeds:
         r = generate(model, prompts, SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens),
                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size,
                      max_length=64, seed=seed)
-        mask = r.action_mask > 0
-        hits += float(((r.tokens == target) & mask).sum())
-        total += float(mask.sum())
-    return hits / max(total, 1.0)
+        counts += torch.bincount(r.tokens[r.action_mask > 0], minlength=tokenizer.vocab_size).float()
+    return counts, float(counts.sum())
+
+
+def target_frequency(model, tokenizer, prompts, target: int, seeds, max_new_tokens: int) -> float:
+    """Share of sampled response tokens equal to ``target``."""
+    counts, total = token_counts(model, tokenizer, prompts, seeds, max_new_tokens)
+    return float(counts[target]) / max(total, 1.0)
 
 
 def run_learn(args) -> None:
     import dataclasses
 
-    import torch
 
     from megatron_qrm import parallel
     from megatron_qrm.data import PromptDataConfig, load_tokenizer
@@ -191,7 +197,7 @@ def run_learn(args) -> None:
     actor = os.path.join(args.dir, "actor0")
     _save_random_model(actor, "policy", args.tokenizer, tok.vocab_size, seed=11)
     target = args.target
-    report: dict = {"target": target}
+    report: dict = {}
 
     def reward_fn(exp):  # credit 1 on every generated `target` token, 0 elsewhere (indexed by position)
         return ((exp["tokens"] == target) & (exp["action_mask"] > 0)).float()
@@ -212,6 +218,11 @@ def run_learn(args) -> None:
         trainer = RLTrainer(cfg, reward_fn=reward_fn, reward_kind="qrm")
         if eval_prompts is None:
             eval_prompts = [trainer.prompts.prompt_ids(i) for i in range(32)]
+            if target < 0:  # the initial policy's most frequent token (not EOS): a visible starting frequency
+                counts, _ = token_counts(trainer.roles.actor.module, tok, eval_prompts, [7], args.max_new_tokens)
+                counts[tok.eos_id] = -1
+                target = int(counts.argmax())
+            report["target"] = target
             report["before"] = target_frequency(trainer.roles.actor.module, tok, eval_prompts, target, seeds,
                                                 args.max_new_tokens)
         before_again = target_frequency(trainer.roles.actor.module, tok, eval_prompts, target, seeds,
@@ -232,7 +243,6 @@ def run_learn(args) -> None:
 def _retokenize_identity(args, tok) -> dict:
     """With the SAME tokenizer on both sides, the re-tokenising credit path must give exactly the direct
     path's credits (canonically tokenised responses, with and without EOS)."""
-    import dataclasses
 
     import torch
 
@@ -249,6 +259,9 @@ def _retokenize_identity(args, tok) -> dict:
                    rollout_batch_size=8, generation_batch_size=8, micro_batch_size=4, global_batch_size=8,
                    train_iters=1, kl_coef=0.0, actor_optim=OptimConfig(lr=0.0), tensorboard=False)
     trainer = RLTrainer(cfg)
+    # the same tokenizer on both sides does not re-tokenise: force the path to compare it with the direct one
+    trainer.rm_tokenizer, trainer.rm_chat_template, trainer.rm_max_length = tok, False, 64
+    trainer._rm_prompt_cache = {}
     responses = [" 2 4 6", " 12 14 38", " hello there", " 1", " 10 20 30 40", "  8", " x = y + 7", " 24"]
     rows, prompt_lens, resp_lens, finished = [], [], [], []
     for i, text in enumerate(responses):
@@ -276,8 +289,22 @@ def _retokenize_identity(args, tok) -> dict:
 # ----------------------------------------------------------------------------------------------- cli
 
 def run_cli(args) -> None:
+    from megatron.core import parallel_state as ps
+
+    from megatron_qrm import parallel
     from megatron_qrm.cli import main
 
+    # Between commands keep the default process group and tear down megatron's groups only. Destroying
+    # and re-creating the default group in one process under torchrun reuses the agent store's keys
+    # (group names restart at 0): a rank can read the previous run's gloo address and the next
+    # command hangs or fails with "connectFullMesh ... Connection refused".
+    real_destroy = parallel.destroy
+
+    def destroy_model_parallel_only() -> None:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+
+    parallel.destroy = destroy_model_parallel_only
     with open(args.runs) as f:
         runs = json.load(f)
     results = []
@@ -299,6 +326,7 @@ def run_cli(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.results, "w") as f:
             json.dump(results, f)
+    real_destroy()
 
 
 def main() -> None:
@@ -311,7 +339,7 @@ def main() -> None:
     p.add_argument("--dir", required=True)
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--prompts", required=True)
-    p.add_argument("--target", type=int, required=True)
+    p.add_argument("--target", type=int, default=-1, help="rewarded token id (default: the initial most frequent)")
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--max-new-tokens", type=int, default=12)
