@@ -186,7 +186,6 @@ def target_frequency(model, tokenizer, prompts, target: int, seeds, max_new_toke
 def run_learn(args) -> None:
     import dataclasses
 
-
     from megatron_qrm import parallel
     from megatron_qrm.data import PromptDataConfig, load_tokenizer
     from megatron_qrm.rl.rollout import SamplingConfig
