@@ -354,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_qrm.planning import add_plan_parser
 
     add_plan_parser(sub)
+    from megatron_qrm.demo.cli import add_demo_parser, add_make_pairs_parser
+
+    add_make_pairs_parser(sub)
+    add_demo_parser(sub)
     return parser
 
 

@@ -45,6 +45,8 @@ for _task in answers.TASKS:
 
 def task_judges(task: str) -> dict[str, Judge]:
     if task not in _TASKS:
+        import megatron_qrm.demo.task  # noqa: F401  (registers the demo's synthetic task)
+    if task not in _TASKS:
         raise ValueError(f"unknown --task {task!r}; known: {', '.join(sorted(_TASKS))}")
     return _TASKS[task]
 
