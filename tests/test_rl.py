@@ -207,52 +207,6 @@ def tr_last(b, i: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# learning with a synthetic token reward (one process)
-# ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def learn_proc(qrm_data, tmp_path_factory):
-    """Start the learning worker in the background (other fixtures run while it trains)."""
-    d = tmp_path_factory.mktemp("learn")
-    log = open(d / "learn.log", "w")
-    cmd = [sys.executable, WORKER, "learn", "--dir", str(d), "--tokenizer", qrm_data.tokenizer, "--prompts",
-           qrm_data.pairs, "--iters", "5", "--lr", "1e-2", "--eval-rounds", "2"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    yield {"proc": proc, "dir": d, "log": log}
-    if proc.poll() is None:
-        proc.kill()
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def learned(learn_proc):
-    rc = learn_proc["proc"].wait(timeout=600)
-    learn_proc["log"].flush()
-    out = (learn_proc["dir"] / "learn.log").read_text()
-    assert rc == 0, out[-6000:]
-    return json.loads((learn_proc["dir"] / "learn.json").read_text())
-
-
-@pytest.mark.parametrize("algo", ["ppo", "reinforce"])
-def test_token_reward_raises_token_frequency(learned, algo):
-    res = learned[algo]
-    before, after = res["before"], res["after"]
-    assert before == learned["before"]  # the same initial policy, prompts and seeds
-    # a random policy samples the rewarded token ~0.3% of the time; 5 iterations multiply that several times
-    assert after > 3 * before and after >= 0.02, (learned["target"], before, after)
-    rewards = res["rewards"]  # the logged mean token reward follows
-    assert len(rewards) == 5 and rewards[-1] > 2 * max(rewards[0], 1e-3), rewards
-    assert all(math.isfinite(v) for v in res["last"].values())
-
-
-def test_retokenizing_path_equals_direct_path_with_the_same_tokenizer(learned):
-    r = learned["retokenize"]
-    assert r["n_actions"] >= 30 and r["credit_std"] > 1e-3  # real, varied credits
-    assert r["max_abs_diff"] <= 1e-6
-
-
-# ----------------------------------------------------------------------------------------------------
 # end to end: train-rm -> train-ppo / train-reinforce at TP=2, exit / SIGKILL + resume, bad input
 # ----------------------------------------------------------------------------------------------------
 
@@ -504,3 +458,50 @@ def test_reward_model_with_another_tokenizer(rl_runs, algo):
         assert rec["train/token_reward_mean"] != 0.0 and math.isfinite(rec["train/token_reward_mean"])
     if algo == "ppo":  # the critic starts from the actor (the reward model reads another vocabulary)
         assert "train/value_loss" in m[2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# learning with a synthetic token reward (one process; started by rl_runs when the end-to-end tests run,
+# so that it trains while the other launches run: these tests come last)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learn_proc(qrm_data, tmp_path_factory):
+    """Start the learning worker in the background (other fixtures run while it trains)."""
+    d = tmp_path_factory.mktemp("learn")
+    log = open(d / "learn.log", "w")
+    cmd = [sys.executable, WORKER, "learn", "--dir", str(d), "--tokenizer", qrm_data.tokenizer, "--prompts",
+           qrm_data.pairs, "--iters", "5", "--lr", "1e-2", "--eval-rounds", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    yield {"proc": proc, "dir": d, "log": log}
+    if proc.poll() is None:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def learned(learn_proc):
+    rc = learn_proc["proc"].wait(timeout=600)
+    learn_proc["log"].flush()
+    out = (learn_proc["dir"] / "learn.log").read_text()
+    assert rc == 0, out[-6000:]
+    return json.loads((learn_proc["dir"] / "learn.json").read_text())
+
+
+@pytest.mark.parametrize("algo", ["ppo", "reinforce"])
+def test_token_reward_raises_token_frequency(learned, algo):
+    res = learned[algo]
+    before, after = res["before"], res["after"]
+    assert before == learned["before"]  # the same initial policy, prompts and seeds
+    # a random policy samples the rewarded token ~0.3% of the time; 5 iterations multiply that several times
+    assert after > 3 * before and after >= 0.02, (learned["target"], before, after)
+    rewards = res["rewards"]  # the logged mean token reward follows
+    assert len(rewards) == 5 and rewards[-1] > 2 * max(rewards[0], 1e-3), rewards
+    assert all(math.isfinite(v) for v in res["last"].values())
+
+
+def test_retokenizing_path_equals_direct_path_with_the_same_tokenizer(learned):
+    r = learned["retokenize"]
+    assert r["n_actions"] >= 30 and r["credit_std"] > 1e-3  # real, varied credits
+    assert r["max_abs_diff"] <= 1e-6
