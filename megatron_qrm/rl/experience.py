@@ -15,23 +15,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
+from megatron_qrm.models.logits import mask_padded_vocab, next_token_nll  # noqa: F401  (re-exported)
 from megatron_qrm.rl.kl import vocab_parallel_full_kl
 from megatron_qrm.training.engine import run_global_batch, to_device
-
-PADDED_VOCAB_LOGIT = -1e9  # padded vocabulary entries never get probability mass
-
-
-def mask_padded_vocab(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Local logits [b, s, V/tp] (fp32) with the TP-padding columns (global id >= vocab_size) masked."""
-    per_rank = local_logits.shape[-1]
-    start = ps.get_tensor_model_parallel_rank() * per_rank
-    if start + per_rank <= vocab_size:
-        return local_logits
-    ids = torch.arange(start, start + per_rank, device=local_logits.device)
-    return local_logits.masked_fill(ids >= vocab_size, PADDED_VOCAB_LOGIT)
-
 
 def shift_right(x: torch.Tensor) -> torch.Tensor:
     """[b, s] values about the NEXT token (computed at p) -> indexed by that token's position (p+1)."""
@@ -40,11 +26,8 @@ def shift_right(x: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs(local_logits: torch.Tensor, tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Position-aligned log-probs [b, s] of ``tokens`` from vocab-parallel logits [b, s, V/tp]."""
-    logits = mask_padded_vocab(local_logits.float(), vocab_size)
     labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
-    # megatron's kernel works on [s, b, v] and modifies nothing we keep
-    nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), labels.t().contiguous()).t()
-    return shift_right(-nll)
+    return shift_right(-next_token_nll(local_logits, labels, vocab_size))
 
 
 def _batches(exp: dict[str, torch.Tensor], micro_batch_size: int, keys=("tokens", "position_ids")) -> list[dict]:
