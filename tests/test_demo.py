@@ -79,6 +79,7 @@ def test_generators_know_their_first_error():
         text, k = arith.flawed_response(p, rng, cfg)
         bad = arith.check(p.prompt, text)
         assert not bad.correct and bad.first_error == k
+        assert all(0 <= int(x) <= cfg.max_value for x in text.replace("=", " ").split() if x.lstrip("-").isdigit())
     rows = arith.sft_examples(400, seed=3, cfg=cfg)
     share = sum(r["flawed"] for r in rows) / len(rows)
     assert abs(share - cfg.flaw_rate) < 0.08
@@ -100,17 +101,23 @@ def test_localization_on_hand_made_credits():
     tokens = ["7", " +", " 5", " =", " 12", "\n", "12", " -", " 3", " =", " 8", "\n", "8", " +", " 8", " =",
               " 16", "\n", "Answer", ":", " 16", "</s>"]
     steps = token_steps(tokens)
-    assert steps == [0, 0, 0, 0, 0, None, 1, 1, 1, 1, 1, None, 2, 2, 2, 2, 2, None, 3, 3, 3, None]
+    assert steps == [0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, None]
     scores = [1.0] * len(tokens)
     scores[10] = -5.0  # the wrong result " 8" of step 1
     scores[21] = -100.0  # EOS belongs to no step
     rec = localize(PROMPT, tokens, scores)
-    assert rec["first_error"] == 1 and rec["steps"] == 4
+    assert rec["first_error"] == 1 and rec["steps"] == 3  # the answer line is not a step
     assert rec["argmin_mean"] == 1 and rec["argmin_min"] == 1 and rec["hit_mean"] and rec["hit_min"]
     assert step_credits(tokens, scores, "min") == [1.0, -5.0, 1.0, 1.0]
-    # a correct response is not localised
+    # a low credit on the newline that ends the wrong step counts for that step
+    scores2 = [1.0] * len(tokens)
+    scores2[11] = -5.0
+    assert localize(PROMPT, tokens, scores2)["argmin_min"] == 1
+    # an error only in the answer line has no step to point at
     ok = ["7", " +", " 5", " =", " 12", "\n", "12", " -", " 3", " =", " 9", "\n", "9", " +", " 8", " =", " 17",
           "\n", "Answer", ":", " 17"]
+    assert localize(PROMPT, ok[:-1] + [" 18"], [0.0] * len(ok)) is None
+    # a correct response is not localised
     assert localize(PROMPT, ok, [0.0] * len(ok)) is None
 
 

@@ -61,10 +61,12 @@ def build_report(cfg, p, results: dict) -> dict:
     chance = next((v["chance"] for v in loc.values() if "chance" in v), None)
     for kind in cfg.rm_kinds:
         if kind in loc:
-            rep["localization"][kind] = {k: loc[kind][k] for k in ("hit_rate_mean", "hit_rate_min", "chance",
-                                                                    "responses", "skipped", "by_first_error")}
+            rep["localization"][kind] = {k: loc[kind].get(k) for k in (
+                "hit_rate_mean", "hit_rate_min", "hit_rate_first_low", "chance", "lowest_at_or_after_error",
+                "lowest_at_or_after_error_chance", "profile", "responses", "skipped", "by_first_error")}
         elif kind == "orm" and chance is not None:
-            rep["localization"][kind] = {"hit_rate_mean": chance, "hit_rate_min": chance, "chance": chance,
+            rep["localization"][kind] = {"hit_rate_mean": chance, "hit_rate_min": chance,
+                                         "hit_rate_first_low": chance, "chance": chance,
                                          "note": "an ORM scores the last token only: no step credits, chance level"}
     for algo in cfg.algos:
         rep["rl"][algo] = {}
@@ -121,7 +123,7 @@ def plot_pass_at_1(rep: dict, path: str) -> str:
 def plot_reward_models(rep: dict, path: str) -> str:
     plt = _plt()
     kinds = list(rep["reward_models"])
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.9))
     accs = [rep["reward_models"][k]["heldout_accuracy"] for k in kinds]
     bars = a1.bar([NAMES[k] for k in kinds], accs, color=[COLORS[k] for k in kinds])
     a1.axhline(0.5, color="gray", ls="--", lw=1, label="chance")
@@ -140,6 +142,20 @@ def plot_reward_models(rep: dict, path: str) -> str:
     a2.set_ylim(0, 1)
     a2.bar_label(bars, fmt="%.2f")
     a2.set_title("lowest-credit step = first wrong step")
+    for k in lk:
+        prof = loc[k].get("profile") or {}
+        if prof:
+            xs = list(prof)
+            a3.plot(range(len(xs)), [float("nan") if prof[x] is None else prof[x] for x in xs], marker="o",
+                    color=COLORS[k], label=NAMES[k])
+            a3.set_xticks(range(len(xs)))
+            a3.set_xticklabels([("first wrong\nstep" if x == "0" else x) for x in xs])
+    a3.axhline(0, color="gray", lw=0.8)
+    a3.set_title("mean step credit around the first wrong step")
+    a3.set_xlabel("step offset from the first wrong step")
+    a3.set_ylabel("credit (std units)")
+    if any(loc[k].get("profile") for k in lk):
+        a3.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -261,7 +277,7 @@ def render_markdown(rep: dict, plots: dict, example: Optional[dict]) -> str:
     for name in ("train", "heldout"):
         s = rep["pairs"].get(name) or {}
         lines.append(f"* Preference pairs ({name}): {s.get('pairs')} pairs from {s.get('prompts')} prompts x "
-                     f"{cfg['samples_per_prompt']} SFT samples ({_fmt(s.get('all_samples_accuracy'), True)} of the "
+                     f"{s.get('samples_per_prompt')} SFT samples ({_fmt(s.get('all_samples_accuracy'), True)} of the "
                      f"samples correct), correct = chosen, incorrect = rejected.")
     lines += ["", "## Reward models", "",
               "| reward model | pairwise accuracy (held-out) | (train) | lowest-credit step = first wrong step | chance |",
@@ -273,11 +289,25 @@ def render_markdown(rep: dict, plots: dict, example: Optional[dict]) -> str:
                      f"{_fmt(r['train_accuracy'], True)} | {lk} | {_fmt(loc.get('chance'), True)} |")
     q = rep["localization"].get("qrm")
     if q:
+        others = [(k, v) for k, v in rep["localization"].items() if k != "orm"]
         lines += ["", f"Localisation is measured on the {q['responses']} incorrect responses of the held-out pairs "
-                  f"({q['skipped']} skipped: the first wrong step is a missing line). A step's credit is the mean "
-                  f"credit of its tokens; with the min instead, Q-RM's hit rate is {_fmt(q['hit_rate_min'], True)}"
-                  + (f", DPO-RM's {_fmt(rep['localization']['dpo']['hit_rate_min'], True)}"
-                     if "dpo" in rep["localization"] else "") + "."]
+                  f"({q['skipped']} skipped: their first wrong step is not one of their `a op b = c` steps, i.e. only "
+                  "the answer line is wrong or a line is missing). A step's credit is the mean credit of its tokens "
+                  "(newline included). Other rules: the min over its tokens: "
+                  + ", ".join(f"{NAMES[k]} {_fmt(v['hit_rate_min'], True)}" for k, v in others)
+                  + "; the first step whose credit is at or below the midpoint of the response's highest and lowest "
+                  "step credit (a Q-function stays low on every step after the first error, so its lowest step need "
+                  "not be the first wrong one): " + ", ".join(f"{NAMES[k]} {_fmt(v.get('hit_rate_first_low'), True)}"
+                                                             for k, v in others) + "."]
+        lines += ["", "How the credit moves around the first wrong step (mean step credit in standard units, over the "
+                  "same responses; 0 = the first wrong step), and how often the lowest step lies at or after it:", "",
+                  "| reward model | -2 | -1 | first wrong step | +1 | +2 | lowest step at/after the error | chance |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k, v in others:
+            prof = v.get("profile") or {}
+            lines.append(f"| {NAMES[k]} | " + " | ".join(_fmt(prof.get(o)) for o in ("-2", "-1", "0", "+1", "+2"))
+                         + f" | {_fmt(v.get('lowest_at_or_after_error'), True)} | "
+                         f"{_fmt(v.get('lowest_at_or_after_error_chance'), True)} |")
     lines += ["", f"![reward models]({os.path.basename(plots['reward_models'])})", ""]
     if plots.get("token_credits"):
         lines += ["## Token credits of one held-out pair", "",

@@ -98,39 +98,45 @@ def correct_response(p: Problem) -> str:
     return format_response(p.steps(), p.answer)
 
 
-def _slip_fits(a: int, op: str, b: int, cfg: TaskConfig) -> bool:
-    return 0 <= (a - b if op == "+" else a + b) <= cfg.max_value
+def _chain(p: Problem, k: int, wrong: int) -> list[tuple[int, str, int, int]]:
+    """The steps of ``p`` with step ``k``'s result replaced by ``wrong``, later steps computed from it."""
+    steps, a = [], p.start
+    for i, (op, b) in enumerate(zip(p.ops, p.operands)):
+        c = wrong if i == k else (a + b if op == "+" else a - b)
+        steps.append((a, op, b, c))
+        a = c
+    return steps
 
 
 def flawed_response(p: Problem, rng: random.Random, cfg: TaskConfig) -> tuple[str, int]:
     """A response whose step ``k`` has a wrong result; the chain goes on from it (so the later steps are
     locally right and only the final answer shows that something went wrong). Returns (text, k).
 
-    ``flaw_kind="sign"``: a sign slip, the step applies the opposite operation (``12 + 3 = 9``) -- at a step
-    where the slipped value stays in range; ``"offby"`` (or no such step): the result is off by 1..max_flaw."""
-    k = rng.randrange(len(p.ops))
-    sign = cfg.flaw_kind == "sign"
-    if sign:
-        a, ok = p.start, []
-        for i, (op, b, c) in enumerate(zip(p.ops, p.operands, p.values())):
-            # the slipped chain from step i on only matters at step i: later steps go on from its value
-            if _slip_fits(a, op, b, cfg):
-                ok.append(i)
-            a = c
-        sign = bool(ok)
-        k = rng.choice(ok) if ok else k
-    steps, a = [], p.start
-    for i, (op, b) in enumerate(zip(p.ops, p.operands)):
-        c = a + b if op == "+" else a - b
-        if i == k:
-            if sign:
-                c = a - b if op == "+" else a + b
-            else:
-                choices = [c + d for d in range(-cfg.max_flaw, cfg.max_flaw + 1) if d and 0 <= c + d <= cfg.max_value]
-                c = rng.choice(choices)
-        steps.append((a, op, b, c))
-        a = c
-    return format_response(steps, a), k
+    ``flaw_kind="sign"``: a sign slip, the step applies the opposite operation (``12 + 3 = 9``); ``"offby"``:
+    its result is off by 1..max_flaw. Only flaws whose whole chain stays in ``0..max_value`` are drawn (so that
+    no out-of-range number gives a wrong chain away), with an off-by flaw when no sign slip fits."""
+    true = p.values()
+    starts = [p.start] + true[:-1]
+
+    def candidates(kind: str) -> list[tuple[int, int]]:
+        out = []
+        for i, (a, op, b, c) in enumerate(zip(starts, p.ops, p.operands, true)):
+            wrongs = [a - b if op == "+" else a + b] if kind == "sign" else \
+                [c + d for d in range(-cfg.max_flaw, cfg.max_flaw + 1) if d]
+            for w in wrongs:
+                if all(0 <= s[3] <= cfg.max_value for s in _chain(p, i, w)):
+                    out.append((i, w))
+        return out
+
+    options = candidates("sign") if cfg.flaw_kind == "sign" else []
+    options = options or candidates("offby")
+    if options:
+        k, w = rng.choice(options)
+    else:  # nothing fits the range (not reached with the default sizes): any off-by-one
+        k = rng.randrange(len(p.ops))
+        w = true[k] + rng.choice((-1, 1))
+    steps = _chain(p, k, w)
+    return format_response(steps, steps[-1][3]), k
 
 
 def parse_prompt(prompt: str) -> Problem:
