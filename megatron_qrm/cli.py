@@ -385,7 +385,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
-        print(f"qrm {args.command}: error: {e}", file=sys.stderr)
+        from megatron_qrm.errors import print_error_line
+
+        print_error_line(f"qrm {args.command}: error: {e}")
         return 2
     finally:
         if "megatron_qrm.parallel" in sys.modules:  # `qrm plan` never imports torch

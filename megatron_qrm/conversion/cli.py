@@ -95,7 +95,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             parallel.destroy()
         return 1 if result is not None and result.get("ok") is False else 0
     except ConversionError as e:
-        print(f"convert_hf.py {args.command}: error: {e}", file=sys.stderr)
+        from megatron_qrm.errors import print_error_line
+
+        print_error_line(f"convert_hf.py {args.command}: error: {e}")
         return 2
 
 

@@ -105,15 +105,17 @@ def add_make_pairs_parser(sub) -> argparse.ArgumentParser:
 
 
 def _run_make_pairs(args) -> int:
-    import megatron_qrm.demo.task  # noqa: F401  (registers the demo's `arith` task)
+    import importlib
+
     from megatron_qrm.demo.pairs import run_make_pairs
+
+    importlib.import_module("megatron_qrm.demo.task")  # registers the demo's `arith` task
 
     return run_make_pairs(args)
 
 
 def main(argv=None) -> int:
     """Standalone entry (before the commands are wired into `qrm`): ``python -m megatron_qrm.demo.cli demo ...``."""
-    import sys
 
     from megatron_qrm.cli import _setup_logging
 
@@ -126,7 +128,9 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"qrm {args.command}: error: {e}", file=sys.stderr)
+        from megatron_qrm.errors import print_error_line
+
+        print_error_line(f"qrm {args.command}: error: {e}")
         return 2
     finally:
         from megatron_qrm import parallel

@@ -8,11 +8,11 @@ same ``--out`` skips finished stages, and an interrupted trainer resumes from it
 2. ``sft``        a tiny Megatron GPT trained from scratch on the demonstrations (``train_sft``);
 3. ``pairs``      several sampled responses per prompt from the SFT policy, judged by the task checker,
                   paired correct-vs-incorrect (:mod:`megatron_qrm.demo.pairs`, as ``qrm make-pairs``);
-                  the SFT policy's greedy Pass@1 (iteration 0 of every RL curve);
+                  the SFT policy's Pass@1 (iteration 0 of every RL curve);
 4. ``rm-<kind>``  Q-RM, ORM and DPO-RM trained from the SFT checkpoint (``train_reward_model``), then
                   scored on the held-out pairs (``evaluate_reward_model``, token credits dumped);
-5. ``rl-<algo>-<kind>``  PPO and REINFORCE with each reward model (``RLTrainer``), greedy Pass@1 on the
-                  test prompts after every iteration;
+5. ``rl-<algo>-<kind>``  PPO and REINFORCE with each reward model (``RLTrainer``), Pass@1 on the test
+                  prompts after every iteration (sampled at T = 1, the main curve, and greedy);
 6. ``localization``  on held-out incorrect responses: how often the lowest-credit step is the first
                   wrong step (Q-RM, DPO-RM; chance for ORM);
 7. ``report``     ``report.md``, ``report.json`` and PNG plots (:mod:`megatron_qrm.demo.report`).
@@ -27,8 +27,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -279,7 +277,7 @@ def stage_pairs(cfg: DemoConfig, p: Paths) -> dict:
         pairs, stats = make_pairs(groups, arith.TASK_NAME, max_pairs_per_prompt=cfg.max_pairs_per_prompt,
                                   seed=cfg.seed)
         if not pairs:
-            raise RuntimeError(f"no preference pairs from the {name} samples ({stats}): the SFT policy is always "
+            raise ValueError(f"no preference pairs from the {name} samples ({stats}): the SFT policy is always "
                                f"right or always wrong; change the sizes")
         _write_jsonl(p("pairs", f"{name}.jsonl"), pairs)
         stats["sampled_accuracy"] = stats["correct"] / max(stats["unique_responses"], 1)

@@ -165,13 +165,13 @@ def plot_reward_models(rep: dict, path: str) -> str:
 def _pick_example(dump: str) -> Optional[int]:
     """Index of the first held-out pair whose rejected response goes wrong at a step before the answer
     line (a deterministic choice, made without looking at the credits)."""
+    from megatron_qrm.demo.localization import response_text
+
     with open(dump) as f:
         for line in f:
             row = json.loads(line)
             if row["side"] != "rejected":
                 continue
-            from megatron_qrm.demo.localization import response_text
-
             c = arith.check(row["prompt"], response_text(row["tokens"]))
             if not c.correct and c.first_error is not None and 0 < c.first_error < c.n_steps - 1:
                 return row["index"]

@@ -200,7 +200,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        print(f"qrm {COMMAND}: error: {e}", file=sys.stderr)
+        from megatron_qrm.errors import print_error_line
+
+        print_error_line(f"qrm {COMMAND}: error: {e}")
         return 2
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Optional
 
 from megatron_qrm.config import MODEL_PRESETS, ModelConfig, preset
@@ -117,7 +116,9 @@ def run_plan(args) -> int:
     try:
         plan = make_plan(plan_input_from_args(args), search=not args.no_search)
     except (ValueError, FileNotFoundError) as e:
-        print(f"qrm plan: error: {e}", file=sys.stderr)
+        from megatron_qrm.errors import print_error_line
+
+        print_error_line(f"qrm plan: error: {e}")
         return 2
     if args.json:
         print(json.dumps(plan.to_dict(), sort_keys=True))

@@ -1,0 +1,26 @@
+"""How a user error reaches the terminal: one line on stderr, written in one piece.
+
+Under torchrun every rank reports the same error. ``print(msg, file=sys.stderr)`` writes the text and
+the newline separately, so two ranks sharing a pipe can interleave into ``msg msg\\n\\n``. A single
+``os.write`` of fewer than PIPE_BUF (4096) bytes to a pipe is atomic, so each rank's line stays whole.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def print_error_line(message: str) -> None:
+    """Write ``message`` plus a newline to stderr as one write (flushing anything buffered first)."""
+    line = (message + "\n").encode("utf-8", errors="replace")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced (pytest capture, notebooks)
+        sys.stderr.write(line.decode("utf-8"))
+        sys.stderr.flush()
+        return
+    while line:
+        line = line[os.write(fd, line):]
