@@ -109,6 +109,19 @@ def test_localization_on_hand_made_credits():
     assert rec["first_error"] == 1 and rec["steps"] == 3  # the answer line is not a step
     assert rec["argmin_mean"] == 1 and rec["argmin_min"] == 1 and rec["hit_mean"] and rec["hit_min"]
     assert step_credits(tokens, scores, "min") == [1.0, -5.0, 1.0, 1.0]
+    assert rec["argmin_result"] == 1 and rec["hit_result"] and rec["first_low"] == 1 and rec["hit_first_low"]
+    # the result rule reads only the number after "=": a low credit on a copied operand or operator (the
+    # copy of the previous result, "12", or the prompt's " -") does not make its step the lowest
+    scores3 = [1.0] * len(tokens)
+    scores3[6], scores3[7] = -9.0, -9.0  # step 1's copied "12" and " -"
+    scores3[16] = -2.0  # step 2's result " 16"
+    rec3 = localize(PROMPT, tokens, scores3)
+    assert step_credits(tokens, scores3, "result") == [1.0, 1.0, -2.0, 1.0]
+    assert rec3["argmin_result"] == 2 and rec3["argmin_min"] == 1 and not rec3["hit_result"]
+    assert step_credits(tokens, scores3, "mean")[1] == (1.0 * 4 - 18.0) / 6
+    # a piece that merges "=" with the result carries the result; a line without "=" falls back to its min
+    assert step_credits(["7", " +", " 5", " = 12", "\n", "oops", "\n"], [0.0, -1.0, 0.0, -3.0, 0.0, -4.0, 2.0],
+                        "result") == [-3.0, -4.0]
     # a low credit on the newline that ends the wrong step counts for that step
     scores2 = [1.0] * len(tokens)
     scores2[11] = -5.0
@@ -261,8 +274,8 @@ def test_demo_miniature_and_resume(tmp_path):
             assert len(curve) == 2 and all(isinstance(x, float) and 0 <= x <= 1 for x in curve)
     for kind in ("qrm", "dpo"):
         loc = rep["localization"][kind]
-        assert 0 <= loc["hit_rate_mean"] <= 1 and 0 < loc["chance"] <= 1
-    assert rep["localization"]["orm"]["hit_rate_mean"] == rep["localization"]["orm"]["chance"]
+        assert 0 <= loc["hit_rate"] <= 1 and 0 <= loc["hit_rate_mean"] <= 1 and 0 < loc["chance"] <= 1
+    assert rep["localization"]["orm"]["hit_rate"] == rep["localization"]["orm"]["chance"]
     import matplotlib.image as mpimg
 
     for name in ("pass_at_1", "reward_models", "timings", "token_credits"):

@@ -5,14 +5,21 @@ For an incorrect response of the arithmetic task the checker knows the index of 
 (Q-RM: ``Z(s_t, a_t)``; DPO-RM: ``beta * (log pi - log pi_ref)``), dumped per token by
 ``qrm eval-rm --dump-token-scores``. Tokens are mapped to lines through their decoded texts; a line's
 newline token belongs to the line it ends, EOS to none. The **steps** are the ``a op b = c`` lines (the
-first ``len(ops)`` lines; the ``Answer:`` line is a restatement, not a step). A step's credit is the
-**mean** of its tokens' credits (the primary rule; the **min** is reported too).
+first ``len(ops)`` lines; the ``Answer:`` line is a restatement, not a step).
+
+A step's credit (the primary rule) is the credit of its **result**: the lowest credit among the tokens
+of the number after ``=``. That number is the one thing in a step the policy computes; the operands and
+the operator are copies (of the previous result and of the prompt), and the flaws this task plants (a
+sign slip, a result off by a few) sit in it. The copied tokens are identical in the chosen and rejected
+responses of a pair, so a reward model's loss barely constrains their credit (a Q-RM's ``Z`` there can
+sit anywhere); averaging them in (the **mean** over the step's tokens) or taking the **min** over all of
+them is reported as a second and third rule.
 
 A Q-function is low on every step from the first error on (the trajectory is doomed there), so its
 lowest step can be any of them. Reported beside the lowest-credit rule: the **first-low** rule (the first
-step whose credit is at or below the midpoint of the response's highest and lowest step credit), how
-often the lowest step lies at or after the first error (vs chance), and the mean credit **profile**
-around the first error (offsets -2..+2, in standard units).
+step whose result credit is at or below the midpoint of the response's highest and lowest), how often
+the lowest step lies at or after the first error (vs chance), and the mean credit **profile** around
+the first error (offsets -2..+2, in standard units).
 
 The hit rate is the share of incorrect responses whose lowest-credit step is the first wrong step, over
 the responses whose first wrong step is one of their steps (an error only in the answer line, or a
@@ -56,16 +63,32 @@ def response_text(tokens: list[str]) -> str:
     return "".join(t for t in tokens if t not in _SPECIAL)
 
 
-def step_credits(tokens: list[str], scores: list[float], how: str = "mean") -> list[float]:
-    """Credit of each step: the mean (or min) of its tokens' credits."""
+def step_credits(tokens: list[str], scores: list[float], how: str = "result") -> list[float]:
+    """Credit of each line: ``"result"``, the min over the tokens of the number after ``=`` (the whole
+    line's min when it has no ``=``); ``"mean"`` / ``"min"``, the mean / min over all its tokens."""
     steps = token_steps(tokens)
     n = max((s for s in steps if s is not None), default=-1) + 1
     groups: list[list[float]] = [[] for _ in range(n)]
-    for s, x in zip(steps, scores):
-        if s is not None:
-            groups[s].append(float(x))
+    results: list[list[float]] = [[] for _ in range(n)]
+    after_eq = [False] * n
+    for t, s, x in zip(tokens, steps, scores):
+        if s is None:
+            continue
+        groups[s].append(float(x))
+        if after_eq[s] and t.strip():
+            results[s].append(float(x))
+        elif "=" in t:
+            after_eq[s] = True
+            if t.split("=", 1)[1].strip():  # a piece "= 12" carries the result too
+                results[s].append(float(x))
+    if how == "result":
+        return [min(r) if r else (min(g) if g else math.inf) for r, g in zip(results, groups)]
     agg = (lambda g: sum(g) / len(g)) if how == "mean" else min
     return [agg(g) if g else math.inf for g in groups]
+
+
+def _argmin(xs: list[float]) -> int:
+    return min(range(len(xs)), key=lambda i: xs[i])
 
 
 def localize(prompt: str, tokens: list[str], scores: list[float]) -> Optional[dict]:
@@ -76,31 +99,32 @@ def localize(prompt: str, tokens: list[str], scores: list[float]) -> Optional[di
     if c.correct or c.first_error is None:
         return None
     n_ops = c.n_steps - 1  # the a op b = c steps; the last "step" of the checker is the answer line
-    mean_c = step_credits(tokens, scores, "mean")[:n_ops]
-    min_c = step_credits(tokens, scores, "min")[:n_ops]
-    if c.first_error >= len(mean_c):
+    credits = {how: step_credits(tokens, scores, how)[:n_ops] for how in ("result", "mean", "min")}
+    res = credits["result"]
+    if c.first_error >= len(res):
         return None
-    argmin = lambda xs: min(range(len(xs)), key=lambda i: xs[i])  # noqa: E731
-    mid = (max(mean_c) + min(mean_c)) / 2
-    first_low = next(i for i, x in enumerate(mean_c) if x <= mid)
-    return {"first_error": c.first_error, "steps": len(mean_c), "argmin_mean": argmin(mean_c),
-            "argmin_min": argmin(min_c), "first_low": first_low, "step_credit_mean": mean_c,
-            "step_credit_min": min_c, "lowest_after_error": argmin(mean_c) >= c.first_error,
-            "hit_mean": argmin(mean_c) == c.first_error,
-            "hit_min": argmin(min_c) == c.first_error, "hit_first_low": first_low == c.first_error}
+    mid = (max(res) + min(res)) / 2
+    first_low = next(i for i, x in enumerate(res) if x <= mid)
+    rec = {"first_error": c.first_error, "steps": len(res), "first_low": first_low,
+           "lowest_after_error": _argmin(res) >= c.first_error, "hit_first_low": first_low == c.first_error}
+    for how, xs in credits.items():
+        rec[f"step_credit_{how}"] = xs
+        rec[f"argmin_{how}"] = _argmin(xs)
+        rec[f"hit_{how}"] = _argmin(xs) == c.first_error
+    return rec
 
 
 def credit_profile(recs: list[dict], span: int = 2) -> dict[str, Optional[float]]:
-    """Mean step credit (mean rule) at each offset from the first wrong step (-span..+span), in standard
+    """Mean step credit (result rule) at each offset from the first wrong step (-span..+span), in standard
     units of all the step credits of these responses: how the credit moves around the first error."""
-    vals = [x for r in recs for x in r["step_credit_mean"] if math.isfinite(x)]
+    vals = [x for r in recs for x in r["step_credit_result"] if math.isfinite(x)]
     if len(vals) < 2:
         return {}
     mu = sum(vals) / len(vals)
     sd = math.sqrt(sum((x - mu) ** 2 for x in vals) / len(vals)) or 1.0
     out: dict[str, list[float]] = {}
     for r in recs:
-        for i, x in enumerate(r["step_credit_mean"]):
+        for i, x in enumerate(r["step_credit_result"]):
             off = i - r["first_error"]
             if -span <= off <= span and math.isfinite(x):
                 out.setdefault(f"{off:+d}" if off else "0", []).append((x - mu) / sd)
@@ -128,11 +152,12 @@ def localization_from_dumps(path: str, task_cfg: Optional[arith.TaskConfig] = No
     for r in recs:
         key = f"step {r['first_error'] + 1}"
         by_pos.setdefault(key, [0, 0])
-        by_pos[key][0] += int(r["hit_mean"])
+        by_pos[key][0] += int(r["hit_result"])
         by_pos[key][1] += 1
     return {
         "responses": n,
         "skipped": skipped,
+        "hit_rate": sum(r["hit_result"] for r in recs) / n if n else nan,  # the primary (result) rule
         "hit_rate_mean": sum(r["hit_mean"] for r in recs) / n if n else nan,
         "hit_rate_min": sum(r["hit_min"] for r in recs) / n if n else nan,
         "hit_rate_first_low": sum(r["hit_first_low"] for r in recs) / n if n else nan,

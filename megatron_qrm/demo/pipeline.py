@@ -402,9 +402,10 @@ def stage_localization(cfg: DemoConfig, p: Paths) -> dict:
         res = localization_from_dumps(dump, cfg.task)
         _write_json(p("localization", f"{kind}.json"), res)
         out[kind] = {k: v for k, v in res.items() if k != "examples"}
-        say(f"{RM_NAMES[kind]}: lowest-credit step = first wrong step in {res['hit_rate_mean']:.1%} of "
-            f"{res['responses']} held-out incorrect responses (min-credit rule {res['hit_rate_min']:.1%}; "
-            f"chance {res['chance']:.1%})")
+        say(f"{RM_NAMES[kind]}: lowest-credit step (credit of its result) = first wrong step in "
+            f"{res['hit_rate']:.1%} of {res['responses']} held-out incorrect responses (chance {res['chance']:.1%}; "
+            f"first-low rule {res['hit_rate_first_low']:.1%}; mean over all the step's tokens "
+            f"{res['hit_rate_mean']:.1%})")
     return out
 
 

@@ -62,10 +62,10 @@ def build_report(cfg, p, results: dict) -> dict:
     for kind in cfg.rm_kinds:
         if kind in loc:
             rep["localization"][kind] = {k: loc[kind].get(k) for k in (
-                "hit_rate_mean", "hit_rate_min", "hit_rate_first_low", "chance", "lowest_at_or_after_error",
+                "hit_rate", "hit_rate_mean", "hit_rate_min", "hit_rate_first_low", "chance", "lowest_at_or_after_error",
                 "lowest_at_or_after_error_chance", "profile", "responses", "skipped", "by_first_error")}
         elif kind == "orm" and chance is not None:
-            rep["localization"][kind] = {"hit_rate_mean": chance, "hit_rate_min": chance,
+            rep["localization"][kind] = {"hit_rate": chance, "hit_rate_mean": chance, "hit_rate_min": chance,
                                          "hit_rate_first_low": chance, "chance": chance,
                                          "note": "an ORM scores the last token only: no step credits, chance level"}
     for algo in cfg.algos:
@@ -133,7 +133,7 @@ def plot_reward_models(rep: dict, path: str) -> str:
     a1.legend(loc="lower right")
     loc = rep["localization"]
     lk = [k for k in kinds if k in loc]
-    vals = [loc[k]["hit_rate_mean"] for k in lk]
+    vals = [loc[k]["hit_rate"] for k in lk]
     bars = a2.bar([NAMES[k] + (" (no token\ncredit)" if k == "orm" else "") for k in lk], vals,
                   color=[COLORS[k] for k in lk])
     if lk:
@@ -151,7 +151,7 @@ def plot_reward_models(rep: dict, path: str) -> str:
             a3.set_xticks(range(len(xs)))
             a3.set_xticklabels([("first wrong\nstep" if x == "0" else x) for x in xs])
     a3.axhline(0, color="gray", lw=0.8)
-    a3.set_title("mean step credit around the first wrong step")
+    a3.set_title("result credit around the first wrong step")
     a3.set_xlabel("step offset from the first wrong step")
     a3.set_ylabel("credit (std units)")
     if any(loc[k].get("profile") for k in lk):
@@ -284,7 +284,7 @@ def render_markdown(rep: dict, plots: dict, example: Optional[dict]) -> str:
               "|---|---|---|---|---|"]
     for kind, r in rep["reward_models"].items():
         loc = rep["localization"].get(kind, {})
-        lk = _fmt(loc.get("hit_rate_mean"), True) + (" (no token credit)" if kind == "orm" else "")
+        lk = _fmt(loc.get("hit_rate"), True) + (" (no token credit)" if kind == "orm" else "")
         lines.append(f"| {NAMES[kind]} | {_fmt(r['heldout_accuracy'], True)} ({r['heldout_pairs']} pairs) | "
                      f"{_fmt(r['train_accuracy'], True)} | {lk} | {_fmt(loc.get('chance'), True)} |")
     q = rep["localization"].get("qrm")
@@ -292,14 +292,18 @@ def render_markdown(rep: dict, plots: dict, example: Optional[dict]) -> str:
         others = [(k, v) for k, v in rep["localization"].items() if k != "orm"]
         lines += ["", f"Localisation is measured on the {q['responses']} incorrect responses of the held-out pairs "
                   f"({q['skipped']} skipped: their first wrong step is not one of their `a op b = c` steps, i.e. only "
-                  "the answer line is wrong or a line is missing). A step's credit is the mean credit of its tokens "
-                  "(newline included). Other rules: the min over its tokens: "
-                  + ", ".join(f"{NAMES[k]} {_fmt(v['hit_rate_min'], True)}" for k, v in others)
-                  + "; the first step whose credit is at or below the midpoint of the response's highest and lowest "
-                  "step credit (a Q-function stays low on every step after the first error, so its lowest step need "
-                  "not be the first wrong one): " + ", ".join(f"{NAMES[k]} {_fmt(v.get('hit_rate_first_low'), True)}"
-                                                             for k, v in others) + "."]
-        lines += ["", "How the credit moves around the first wrong step (mean step credit in standard units, over the "
+                  "the answer line is wrong or a line is missing). A step's credit is the credit of its result, the number "
+                  "after `=` (the lowest credit among its tokens): the one thing in a step the policy computes; the "
+                  "operands and operator are copies, identical in a pair's two responses, so no reward-model loss pins "
+                  "their credit down. Other rules: the first step whose result credit is at or below the midpoint of "
+                  "the response's highest and lowest (a Q-function stays low on every step after the first error, so "
+                  "its lowest step need not be the first wrong one): "
+                  + ", ".join(f"{NAMES[k]} {_fmt(v.get('hit_rate_first_low'), True)}" for k, v in others)
+                  + "; the lowest mean credit over all of a step's tokens (copies and newline included): "
+                  + ", ".join(f"{NAMES[k]} {_fmt(v.get('hit_rate_mean'), True)}" for k, v in others)
+                  + "; the lowest min over them: "
+                  + ", ".join(f"{NAMES[k]} {_fmt(v.get('hit_rate_min'), True)}" for k, v in others) + "."]
+        lines += ["", "How the credit moves around the first wrong step (mean result credit in standard units, over the "
                   "same responses; 0 = the first wrong step), and how often the lowest step lies at or after it:", "",
                   "| reward model | -2 | -1 | first wrong step | +1 | +2 | lowest step at/after the error | chance |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -48,7 +48,7 @@ def aggregate(reports: dict[int, dict]) -> dict:
                                                            for s in seeds]}
     for kind in first["localization"]:
         agg["localization"][kind] = {k: [reports[s]["localization"][kind][k] for s in seeds]
-                                     for k in ("hit_rate_mean", "hit_rate_min", "chance")}
+                                     for k in ("hit_rate", "hit_rate_first_low", "hit_rate_mean", "chance")}
     for algo, runs in first["rl"].items():
         agg["rl"][algo] = {}
         for kind in runs:
@@ -94,13 +94,19 @@ def render_study(agg: dict, command: str) -> str:
          f"Command: `{command}`", "", "Mean ± standard deviation over seeds.", "",
          f"* SFT policy Pass@1: {_fmt_ms(agg['sft_pass@1'])}",
          f"* wall time per seed: {_fmt_ms(agg['total_seconds'])} s", "",
-         "## Reward models", "", "| reward model | held-out pairwise accuracy | localisation (mean rule) | (min rule) | chance |",
-         "|---|---|---|---|---|"]
+         "## Reward models", "",
+         "Localisation: how often the step with the lowest credit (of its result, the number after `=`) is the first "
+         "wrong step of a held-out incorrect response; first-low: the first step whose result credit is at or below "
+         "the midpoint of the response's highest and lowest; mean rule: the lowest mean credit over all of a "
+         "step's tokens. See `megatron_qrm/demo/localization.py`.", "",
+         "| reward model | held-out pairwise accuracy | localisation | (first-low rule) | (mean rule) | chance |",
+         "|---|---|---|---|---|---|"]
     for kind, r in agg["reward_models"].items():
         loc = agg["localization"].get(kind, {})
         L.append(f"| {NAMES[kind]} | {_fmt_ms(r['heldout_accuracy'], True)} | "
-                 f"{_fmt_ms(loc.get('hit_rate_mean', []), True)}{' (chance: no token credit)' if kind == 'orm' else ''} | "
-                 f"{_fmt_ms(loc.get('hit_rate_min', []), True)} | {_fmt_ms(loc.get('chance', []), True)} |")
+                 f"{_fmt_ms(loc.get('hit_rate', []), True)}{' (chance: no token credit)' if kind == 'orm' else ''} | "
+                 f"{_fmt_ms(loc.get('hit_rate_first_low', []), True)} | {_fmt_ms(loc.get('hit_rate_mean', []), True)} | "
+                 f"{_fmt_ms(loc.get('chance', []), True)} |")
     L += ["", "## RL", ""]
     for algo, runs in agg["rl"].items():
         n = min(len(r["pass@1_mean"]) for r in runs.values())
