@@ -110,10 +110,10 @@ def default_config(seed: int = 1) -> DemoConfig:
 
 
 def quick_config(seed: int = 1) -> DemoConfig:
-    """About 5 minutes on 2 CPU cores: an easier task (2-3 steps, values up to 20), fewer iterations."""
+    """About 4 minutes on 2 CPU cores: an easier task (2-3 steps, values up to 20), fewer iterations."""
     return DemoConfig(seed=seed, task=arith.TaskConfig(max_steps=3, max_operand=5, max_value=20), n_sft=8000,
-                      n_rl_prompts=384, n_heldout_prompts=64, n_test=64, sft_iters=500, pair_prompts=384,
-                      rm_iters=120, rl_iters=3)
+                      n_rl_prompts=768, n_heldout_prompts=64, n_test=64, sft_iters=500, pair_prompts=768,
+                      rm_iters=200, rl_iters=3)
 
 
 # ----------------------------------------------------------------------------- small helpers
