@@ -9,7 +9,7 @@ _SIZE_FLAGS = {
     "n_sft": int, "n_rl_prompts": int, "n_heldout_prompts": int, "n_test": int, "num_layers": int,
     "hidden_size": int, "ffn_hidden_size": int, "sft_iters": int, "pair_prompts": int, "samples_per_prompt": int,
     "rm_iters": int, "rm_batch": int, "rl_iters": int, "rl_rollout": int, "rl_global_batch": int, "rl_micro_batch": int,
-    "ppo_lr": float, "reinforce_lr": float, "sft_lr": float, "rm_lr": float, "kl_coef": float,
+    "ppo_lr": float, "reinforce_lr": float, "sft_lr": float, "rm_lr": float, "qrm_lr": float, "kl_coef": float,
     "qrm_beta": float, "qrm_gamma": float, "eval_samples": int,
 }
 
