@@ -293,3 +293,23 @@ def test_demo_miniature_and_resume(tmp_path):
     assert os.path.exists(os.path.join(out, "report.md"))
     assert json.load(open(os.path.join(out, "report.json")))["rl"] == rep["rl"]
     assert second < first / 2, (first, second)
+
+
+# ----------------------------------------------------------------------------------------------------
+# flags -> demo settings
+# ----------------------------------------------------------------------------------------------------
+def test_demo_flags_override_the_preset():
+    from megatron_qrm.cli import build_parser
+    from megatron_qrm.demo.cli import demo_config_from_args
+    from megatron_qrm.demo.pipeline import default_config, quick_config
+
+    args = build_parser().parse_args(["demo", "--quick", "--qrm-lr", "5e-4", "--ppo-qrm-advantage", "qrm",
+                                      "--reward-models", "qrm,orm", "--algos", "ppo"])
+    cfg = demo_config_from_args(args, seed=7)
+    assert (cfg.seed, cfg.qrm_lr, cfg.ppo_qrm_advantage, cfg.rm_kinds, cfg.algos) == (
+        7, 5e-4, "qrm", ("qrm", "orm"), ("ppo",))
+    assert cfg.rm_lr == quick_config().rm_lr and cfg.sft_iters == quick_config().sft_iters
+    plain = demo_config_from_args(build_parser().parse_args(["demo"]), seed=1)
+    assert plain.to_dict() == default_config(1).to_dict() and plain.ppo_qrm_advantage == "qrm-reference"
+    with pytest.raises(SystemExit):  # argparse rejects an unknown estimator
+        build_parser().parse_args(["demo", "--ppo-qrm-advantage", "gae"])

@@ -33,6 +33,8 @@ def add_demo_parser(sub) -> argparse.ArgumentParser:
         g.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     g.add_argument("--max-steps", type=int, help="longest chain (task difficulty)")
     g.add_argument("--flaw-rate", type=float, help="share of flawed SFT demonstrations")
+    g.add_argument("--ppo-qrm-advantage", choices=("qrm", "qrm-reference"),
+                   help="PPO with the Q-RM: the paper's Algorithm 1 (qrm) or the reference code's estimator")
     g.add_argument("--algos", help="comma list of ppo,reinforce")
     g.add_argument("--reward-models", help="comma list of qrm,orm,dpo")
     p.set_defaults(func=run_demo_command)
@@ -49,6 +51,8 @@ def demo_config_from_args(args, seed: int):
             setattr(cfg, name, v)
     if getattr(args, "max_steps", None) is not None:
         cfg.task.max_steps = args.max_steps
+    if getattr(args, "ppo_qrm_advantage", None):
+        cfg.ppo_qrm_advantage = args.ppo_qrm_advantage
     if getattr(args, "flaw_rate", None) is not None:
         cfg.task.flaw_rate = args.flaw_rate
     if getattr(args, "algos", None):

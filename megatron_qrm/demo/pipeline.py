@@ -88,6 +88,11 @@ class DemoConfig:
     reinforce_lr: float = 5e-5
     critic_lr: float = 1e-4
     kl_coef: float = 0.01
+    # PPO with the Q-RM: "qrm-reference" is the reference code's estimator (r = Z / std(Z) - KL,
+    # A = r - 0.01 V / std(V)); "qrm" the paper's Algorithm 1 (A = Z_std - KL - V). In 8 iterations the critic
+    # stays untrained and Algorithm 1's A inherits its noise: PPO + Q-RM gained +2.0 Pass@1 points with it and
+    # +6.5 with the reference estimator over 4 seeds (docs/toy-study.md)
+    ppo_qrm_advantage: str = "qrm-reference"
     rl_temperature: float = 1.0
     algos: tuple[str, ...] = ALGOS
     rm_kinds: tuple[str, ...] = RM_KINDS
@@ -377,7 +382,7 @@ def stage_rl(cfg: DemoConfig, p: Paths, algo: str, kind: str) -> dict:
         train_iters=cfg.rl_iters, kl_coef=cfg.kl_coef if algo == "ppo" else 0.0,
         actor_optim=OptimConfig(lr=lr, clip_grad=1.0), critic_optim=OptimConfig(lr=cfg.critic_lr, clip_grad=1.0),
         eval_data=p("data", "test.jsonl"), task=arith.TASK_NAME, eval_interval=1, save_interval=cfg.rl_iters,
-        tensorboard=False)
+        tensorboard=False, advantage=cfg.ppo_qrm_advantage if (algo, kind) == ("ppo", "qrm") else None)
     trainer = _demo_rl_trainer_class(cfg)(rl_cfg)
     trainer.train()
     by_step: dict[int, dict] = {}
