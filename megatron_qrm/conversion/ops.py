@@ -172,14 +172,12 @@ class Vocab:
         yield 0, full[:dims.vocab]
 
 
-class Head:
-    """The Q-RM token head [1, h] <- HF ``score.weight`` [num_labels=1, h]; replicated across TP."""
+class Head(Copy):
+    """The Q-RM token head [1, h] <- HF ``score.weight`` [num_labels=1, h]: a replicated copy whose shape is
+    checked on import (a sequence classifier with several labels is not a token reward head)."""
 
-    def megatron_shape(self, hf: list[Shape], dims: Dims) -> Shape:
-        return hf[0]
-
-    def hf_shapes(self, meg: Shape, dims: Dims) -> list[Shape]:
-        return [meg]
+    def __init__(self):
+        super().__init__(tp_axis=None)
 
     def import_chunks(self, dims: Dims, tp: int, load: Callable[[int], torch.Tensor]) -> Iterator[Chunk]:
         t = load(0)
@@ -187,9 +185,6 @@ class Head:
             raise ConversionError(f"score head has shape {tuple(t.shape)}; a token reward head needs num_labels=1 "
                                   f"([1, {dims.hidden}])")
         yield 0, (0, 0), t
-
-    def export(self, dims: Dims, full: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-        yield 0, full
 
 
 class ZeroBias:

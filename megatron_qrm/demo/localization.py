@@ -63,9 +63,10 @@ def response_text(tokens: list[str]) -> str:
     return "".join(t for t in tokens if t not in _SPECIAL)
 
 
-def step_credits(tokens: list[str], scores: list[float], how: str = "result") -> list[float]:
-    """Credit of each line: ``"result"``, the min over the tokens of the number after ``=`` (the whole
-    line's min when it has no ``=``); ``"mean"`` / ``"min"``, the mean / min over all its tokens."""
+def step_credits_by_rule(tokens: list[str], scores: list[float]) -> dict[str, list[float]]:
+    """Credit of each line under every rule (one pass over the tokens): ``"result"``, the min over the
+    tokens of the number after ``=`` (the whole line's min when it has no ``=``); ``"mean"`` / ``"min"``,
+    the mean / min over all its tokens. A line with no scored token gets ``inf``."""
     steps = token_steps(tokens)
     n = max((s for s in steps if s is not None), default=-1) + 1
     groups: list[list[float]] = [[] for _ in range(n)]
@@ -81,10 +82,14 @@ def step_credits(tokens: list[str], scores: list[float], how: str = "result") ->
             after_eq[s] = True
             if t.split("=", 1)[1].strip():  # a piece "= 12" carries the result too
                 results[s].append(float(x))
-    if how == "result":
-        return [min(r) if r else (min(g) if g else math.inf) for r, g in zip(results, groups)]
-    agg = (lambda g: sum(g) / len(g)) if how == "mean" else min
-    return [agg(g) if g else math.inf for g in groups]
+    return {"result": [min(r) if r else (min(g) if g else math.inf) for r, g in zip(results, groups)],
+            "mean": [sum(g) / len(g) if g else math.inf for g in groups],
+            "min": [min(g) if g else math.inf for g in groups]}
+
+
+def step_credits(tokens: list[str], scores: list[float], how: str = "result") -> list[float]:
+    """Credit of each line under one rule of :func:`step_credits_by_rule`."""
+    return step_credits_by_rule(tokens, scores)[how]
 
 
 def _argmin(xs: list[float]) -> int:
@@ -99,18 +104,19 @@ def localize(prompt: str, tokens: list[str], scores: list[float]) -> Optional[di
     if c.correct or c.first_error is None:
         return None
     n_ops = c.n_steps - 1  # the a op b = c steps; the last "step" of the checker is the answer line
-    credits = {how: step_credits(tokens, scores, how)[:n_ops] for how in ("result", "mean", "min")}
+    credits = {how: xs[:n_ops] for how, xs in step_credits_by_rule(tokens, scores).items()}
     res = credits["result"]
     if c.first_error >= len(res):
         return None
     mid = (max(res) + min(res)) / 2
     first_low = next(i for i, x in enumerate(res) if x <= mid)
     rec = {"first_error": c.first_error, "steps": len(res), "first_low": first_low,
-           "lowest_after_error": _argmin(res) >= c.first_error, "hit_first_low": first_low == c.first_error}
+           "hit_first_low": first_low == c.first_error}
     for how, xs in credits.items():
         rec[f"step_credit_{how}"] = xs
         rec[f"argmin_{how}"] = _argmin(xs)
-        rec[f"hit_{how}"] = _argmin(xs) == c.first_error
+        rec[f"hit_{how}"] = rec[f"argmin_{how}"] == c.first_error
+    rec["lowest_after_error"] = rec["argmin_result"] >= c.first_error
     return rec
 
 

@@ -101,23 +101,36 @@ def _plt():
     return plt
 
 
-def plot_pass_at_1(rep: dict, path: str) -> str:
+def plot_pass_at_1_curves(curves: dict[str, dict[str, tuple[list, Optional[list]]]], title: str, ylabel: str,
+                          path: str) -> str:
+    """One panel per RL algorithm, one line per reward model: ``curves[algo][kind] = (pass@1 per iteration,
+    its standard deviation or None)``; a standard deviation is drawn as a band. ``title`` is formatted with
+    ``algo`` (the algorithm's display name)."""
     plt = _plt()
-    algos = list(rep["rl"])
+    algos = list(curves)
     fig, axes = plt.subplots(1, len(algos), figsize=(5.2 * len(algos), 3.8), squeeze=False, sharey=True)
     for ax, algo in zip(axes[0], algos):
-        for kind, run in rep["rl"][algo].items():
-            ys = [float("nan") if y is None else y for y in run["pass@1"]]
-            ax.plot(range(len(ys)), ys, marker="o", color=COLORS.get(kind), label=NAMES.get(kind, kind))
-        ax.set_title(f"{ALGO_NAMES.get(algo, algo)}: Pass@1 on test prompts (T = 1)")
+        for kind, (ys, sd) in curves[algo].items():
+            ys = [float("nan") if y is None else y for y in ys]
+            xs = list(range(len(ys)))
+            ax.plot(xs, ys, marker="o", color=COLORS.get(kind), label=NAMES.get(kind, kind))
+            if sd is not None:
+                ax.fill_between(xs, [a - b for a, b in zip(ys, sd)], [a + b for a, b in zip(ys, sd)],
+                                color=COLORS.get(kind), alpha=0.15)
+        ax.set_title(title.format(algo=ALGO_NAMES.get(algo, algo)))
         ax.set_xlabel("RL iteration (0 = SFT policy)")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[0][0].set_ylabel("Pass@1")
+    axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_pass_at_1(rep: dict, path: str) -> str:
+    curves = {algo: {kind: (run["pass@1"], None) for kind, run in runs.items()} for algo, runs in rep["rl"].items()}
+    return plot_pass_at_1_curves(curves, "{algo}: Pass@1 on test prompts (T = 1)", "Pass@1", path)
 
 
 def plot_reward_models(rep: dict, path: str) -> str:

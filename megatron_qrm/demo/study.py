@@ -17,7 +17,7 @@ import statistics
 from typing import Callable, Optional
 
 from megatron_qrm.demo.pipeline import DemoConfig, run_demo, say
-from megatron_qrm.demo.report import ALGO_NAMES, COLORS, NAMES, _plt, _sanitize
+from megatron_qrm.demo.report import ALGO_NAMES, NAMES, _sanitize, plot_pass_at_1_curves
 
 
 def _ms(xs: list) -> tuple[Optional[float], Optional[float], int]:
@@ -67,25 +67,10 @@ def aggregate(reports: dict[int, dict]) -> dict:
 
 
 def plot_study(agg: dict, path: str) -> str:
-    plt = _plt()
-    algos = list(agg["rl"])
-    fig, axes = plt.subplots(1, len(algos), figsize=(5.2 * len(algos), 3.8), squeeze=False, sharey=True)
-    for ax, algo in zip(axes[0], algos):
-        for kind, run in agg["rl"][algo].items():
-            m, sd = run["pass@1_mean"], run["pass@1_std"]
-            xs = list(range(len(m)))
-            ax.plot(xs, m, marker="o", color=COLORS.get(kind), label=NAMES.get(kind, kind))
-            ax.fill_between(xs, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)],
-                            color=COLORS.get(kind), alpha=0.15)
-        ax.set_title(f"{ALGO_NAMES.get(algo, algo)}: Pass@1, mean ± sd over {len(agg['seeds'])} seeds")
-        ax.set_xlabel("RL iteration (0 = SFT policy)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    axes[0][0].set_ylabel("Pass@1 (T = 1)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    curves = {algo: {kind: (run["pass@1_mean"], run["pass@1_std"]) for kind, run in runs.items()}
+              for algo, runs in agg["rl"].items()}
+    return plot_pass_at_1_curves(curves, f"{{algo}}: Pass@1, mean ± sd over {len(agg['seeds'])} seeds",
+                                 "Pass@1 (T = 1)", path)
 
 
 def render_study(agg: dict, command: str) -> str:
