@@ -12,166 +12,24 @@ import os
 import sys
 from typing import Optional
 
-from megatron_qrm.config import ModelConfig, ParallelConfig, preset
+from megatron_qrm.arguments import (
+    add_model_args,
+    model_config_from_args,
+    add_parallel_args,
+    parallel_config_from_args,
+    use_bf16,
+    add_data_args,
+    add_logging_args,
+    add_training_args,
+    add_lora_args,
+    add_memory_args,
+    add_checkpoint_args,
+    optim_config_from_args,
+    lora_config_from_args,
+    setup_logging,
+)
 
 log = logging.getLogger("megatron_qrm")
-
-
-# ----------------------------------------------------------------------------- argument groups
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (omit when loading a checkpoint: it records its config)")
-    g.add_argument("--model", help="architecture preset, e.g. llama3-8b, llama3.2-1b, qwen2.5-0.5b")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--num-query-groups", type=int, help="GQA key/value groups (default: = heads)")
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--vocab-size", type=int, help="default: the tokenizer's size")
-    g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--rotary-base", type=float)
-    g.add_argument("--rope-scaling-factor", type=float, help="Llama-3.1-style RoPE scaling factor")
-    g.add_argument("--norm-epsilon", type=float)
-    g.add_argument("--qkv-bias", action="store_true", default=None, help="biases on Q/K/V (Qwen2)")
-    g.add_argument("--tie-word-embeddings", action="store_true", default=None)
-    g.add_argument("--transformer-impl", choices=("auto", "te", "local"), default="auto",
-                   help="Transformer Engine spec (te), megatron-core local spec, or te when available")
-
-
-_SIZE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
-_MODEL_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                 "vocab_size", "max_position_embeddings", "rotary_base", "rope_scaling_factor", "norm_epsilon",
-                 "qkv_bias", "tie_word_embeddings")
-
-
-def model_config_from_args(args) -> Optional[ModelConfig]:
-    """The model config named by flags, or None when none were given (then a checkpoint provides it)."""
-    given = {k: getattr(args, k) for k in _MODEL_FIELDS if getattr(args, k, None) is not None}
-    if args.model:
-        return preset(args.model, **given)
-    if not given:
-        return None
-    missing = [f"--{k.replace('_', '-')}" for k in _SIZE_FLAGS if k not in given]
-    if missing:
-        raise SystemExit(f"error: without --model, the model size needs {', '.join(missing)}")
-    if "max_position_embeddings" not in given:
-        given["max_position_embeddings"] = max(getattr(args, "seq_length", 0) or 0, 4096)
-    return ModelConfig(**given)
-
-
-def add_parallel_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--bf16", action="store_true", help="bf16 params/compute (GPU). Default: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--fp32", action="store_true", help="force fp32 (the CPU default)")
-
-
-def parallel_config_from_args(args) -> ParallelConfig:
-    return ParallelConfig(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                          args.sequence_parallel, args.seed)
-
-
-def use_bf16(args) -> bool:
-    import torch
-
-    if args.bf16 and args.fp32:
-        raise SystemExit("error: --bf16 and --fp32 are exclusive")
-    if args.bf16 and not torch.cuda.is_available():
-        raise SystemExit("error: --bf16 needs a GPU; on CPU training runs in fp32")
-    return args.bf16 or (torch.cuda.is_available() and not args.fp32)
-
-
-def add_data_args(p: argparse.ArgumentParser, data_flag: str, required: bool) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument(data_flag, dest="data_path", required=required,
-                   help="preference pairs: .jsonl, .jsonl.gz, .parquet, or a `datasets` name/path")
-    g.add_argument("--tokenizer", help="HF tokenizer directory or SentencePiece .model (default: from checkpoint)")
-    g.add_argument("--seq-length", type=int, help="max tokens of prompt + response (default 1024 or checkpoint's)")
-    g.add_argument("--instruction-field", default="instruction")
-    g.add_argument("--chosen-field", default="chosen")
-    g.add_argument("--rejected-field", default="rejected")
-    g.add_argument("--chat-template", action="store_true", default=None,
-                   help="render prompts with the tokenizer's chat template")
-    g.add_argument("--skip-long-prompts", action="store_true",
-                   help="skip (and count) pairs whose prompt alone exceeds --seq-length instead of failing")
-    g.add_argument("--data-split", default="train", help="split, for a `datasets` source")
-    g.add_argument("--max-pairs", type=int)
-
-
-def add_logging_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--log-dir", help="metrics.jsonl + TensorBoard (default: --save)")
-    g.add_argument("--no-tensorboard", action="store_true")
-    g.add_argument("--wandb-project")
-    g.add_argument("--wandb-run-name")
-
-
-def add_training_args(p: argparse.ArgumentParser, unit: str) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1, help=f"{unit} per micro-batch")
-    g.add_argument("--global-batch-size", type=int, default=2, help=f"{unit} per optimizer step")
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--no-shuffle", action="store_true", help="file order (the reference's), not shuffled")
-    g.add_argument("--lr", type=float, default=1e-5)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="constant")
-    g.add_argument("--lr-decay-iters", type=int)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
-    g.add_argument("--no-distributed-optimizer", action="store_true",
-                   help="replicate optimizer state instead of sharding it across data-parallel ranks")
-
-
-def add_lora_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-rank", type=int, default=0, help="0 = full fine-tune; the paper's 70B RM uses 128")
-    g.add_argument("--lora-alpha", type=float, help="default = rank (no scaling, as the reference)")
-    g.add_argument("--lora-targets", default="qkv,proj,fc1,fc2")
-
-
-def add_memory_args(p: argparse.ArgumentParser) -> None:
-    from megatron_qrm.planning import add_memory_check_args, add_recompute_args
-
-    g = p.add_argument_group("memory")
-    add_recompute_args(g)
-    add_memory_check_args(g)
-
-
-def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--load", help="resume from this checkpoint (save dir or iter_* dir)")
-    g.add_argument("--pretrained-checkpoint", help="initialise from a base model (policy) checkpoint; head is fresh")
-    g.add_argument("--save", help="checkpoint directory")
-    g.add_argument("--save-interval", type=int)
-    g.add_argument("--keep-last", type=int, help="keep only the newest N checkpoints")
-    g.add_argument("--exit-interval", type=int, help="save and exit at this iteration")
-
-
-def optim_config_from_args(args, bf16: bool):
-    from megatron_qrm.training.engine import OptimConfig
-
-    for flag in ("micro_batch_size", "global_batch_size", "train_iters"):
-        if getattr(args, flag) <= 0:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive")
-    return OptimConfig(lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
-                       lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters,
-                       weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-                       adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-                       use_distributed_optimizer=not args.no_distributed_optimizer, bf16=bf16)
-
-
-def lora_config_from_args(args):
-    from megatron_qrm.models import LoRAConfig
-
-    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha,
-                      targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()))
 
 
 # ----------------------------------------------------------------------------- train-rm
@@ -361,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
@@ -374,13 +232,16 @@ def _setup_logging() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    _setup_logging()
+    setup_logging()
     args = build_parser().parse_args(argv)
+    from megatron_qrm.errors import EXIT_ABORTED, EXIT_USER_ERROR, RunAborted
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # DataError and PlanDoesNotFit are ValueErrors
-        # user errors: one clear line naming the file:line or flag, no traceback; an open progress bar
-        # is closed first so that the message starts its own line
+    except (ValueError, FileNotFoundError, RunAborted) as e:  # DataError and PlanDoesNotFit are ValueErrors
+        # user errors (and runs stopped on purpose: non-finite training, a failed checkpoint write): one
+        # clear line naming the file:line, flag or step, no traceback; an open progress bar is closed
+        # first so that the message starts its own line
         from tqdm import tqdm
 
         for bar in list(getattr(tqdm, "_instances", ())):
@@ -388,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from megatron_qrm.errors import print_error_line
 
         print_error_line(f"qrm {args.command}: error: {e}")
-        return 2
+        return EXIT_ABORTED if isinstance(e, RunAborted) else EXIT_USER_ERROR
     finally:
         if "megatron_qrm.parallel" in sys.modules:  # `qrm plan` never imports torch
             sys.modules["megatron_qrm.parallel"].destroy()

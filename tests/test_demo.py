@@ -62,7 +62,7 @@ def test_judge_and_prompt_parsing():
     assert (p.start, p.ops, p.operands, p.answer) == (7, ["+", "-", "+"], [5, 3, 8], 17)
     with pytest.raises(ValueError):
         arith.parse_prompt("Sort ascending: 3 1 2")
-    from megatron_qrm.evaluation.policy_eval import task_judges
+    from megatron_qrm.evaluation.tasks import task_judges
 
     assert task_judges("arith")["exact"]("Answer: 17", "17") == (True, True)
 

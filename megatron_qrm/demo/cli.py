@@ -109,11 +109,7 @@ def add_make_pairs_parser(sub) -> argparse.ArgumentParser:
 
 
 def _run_make_pairs(args) -> int:
-    import importlib
-
     from megatron_qrm.demo.pairs import run_make_pairs
-
-    importlib.import_module("megatron_qrm.demo.task")  # registers the demo's `arith` task
 
     return run_make_pairs(args)
 
@@ -121,9 +117,9 @@ def _run_make_pairs(args) -> int:
 def main(argv=None) -> int:
     """Standalone entry (before the commands are wired into `qrm`): ``python -m megatron_qrm.demo.cli demo ...``."""
 
-    from megatron_qrm.cli import _setup_logging
+    from megatron_qrm.arguments import setup_logging
 
-    _setup_logging()
+    setup_logging()
     parser = argparse.ArgumentParser(prog="qrm")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)

@@ -7,7 +7,7 @@ every incorrect one (rejected) of the same question, filter and deduplicate.
 Input: JSONL rows with ``instruction`` and the responses in ``--response-field`` (a string, or a list of
 strings: several samples of one prompt; rows may repeat a prompt). The gold answer is the row's
 ``label`` or, when it has none, the ``label`` of the row of ``--labels`` with the same instruction.
-Judges: any task of :func:`megatron_qrm.evaluation.policy_eval.task_judges` -- ``gsm8k`` / ``math``
+Judges: any task of :func:`megatron_qrm.evaluation.tasks.task_judges` -- ``gsm8k`` / ``math``
 (``--checker reference|strict``, the RL issue's checkers) or a registered task such as the demo's
 ``arith``.
 
@@ -65,7 +65,7 @@ def load_responses(path: str, response_field: str = "responses", instruction_fie
 def make_pairs(groups: dict[str, dict], task: str, checker: Optional[str] = None,
                max_pairs_per_prompt: Optional[int] = None, seed: int = 0) -> tuple[list[dict], dict]:
     """Pairs and a summary from :func:`load_responses`' groups."""
-    from megatron_qrm.evaluation.policy_eval import task_judges
+    from megatron_qrm.evaluation.tasks import task_judges
 
     judges = task_judges(task)
     if checker is None:

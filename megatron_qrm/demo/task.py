@@ -21,7 +21,7 @@ Generators: SFT demonstrations (a controlled share ``flaw_rate`` of them flawed:
 so later steps look locally right and only the final answer is wrong: exactly the error an outcome
 reward cannot place), RL prompts and a test set, all with the gold answer as ``label``.
 
-The judge for :func:`megatron_qrm.evaluation.policy_eval.register_task` is :func:`judge`
+The judge for :func:`megatron_qrm.evaluation.tasks.register_task` is :func:`judge`
 (``--task arith``): registered when this module is imported.
 """
 
@@ -267,10 +267,11 @@ def tokenizer_corpus(cfg: TaskConfig, seed: int, n: int = 2000) -> list[str]:
     return texts
 
 
-def _register() -> None:
-    from megatron_qrm.evaluation.policy_eval import register_task
+def register() -> None:
+    """Entry point ``megatron_qrm.tasks: arith`` (pyproject.toml): adds the task to evaluation's registry."""
+    from megatron_qrm.evaluation.tasks import register_task
 
     register_task(TASK_NAME, {"exact": judge})
 
 
-_register()
+register()

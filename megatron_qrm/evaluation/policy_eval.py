@@ -3,7 +3,7 @@ also used by the RL trainers every ``--eval-interval`` iterations.
 
 A task is a judge ``(response, label) -> (correct, parsable)``; GSM8K and MATH come with the
 reference extraction rule and a strict checker (:mod:`megatron_qrm.evaluation.answers`); other
-tasks (e.g. the demo's) register theirs with :func:`register_task`.
+tasks (e.g. the demo's) register theirs in :mod:`megatron_qrm.evaluation.tasks`.
 """
 
 from __future__ import annotations
@@ -11,44 +11,19 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm.data import PromptDataConfig, PromptDataset
-from megatron_qrm.evaluation import answers
+from megatron_qrm.evaluation.tasks import Judge, register_task, task_judges
 from megatron_qrm.evaluation.passk import pass_at_k
 from megatron_qrm.rl.rollout import SamplingConfig, generate
 
-Judge = Callable[[str, str], tuple[bool, bool]]
-_TASKS: dict[str, dict[str, Judge]] = {}
-
-
-def register_task(name: str, judges: dict[str, Judge]) -> None:
-    """Register a task's judges, keyed by checker name (the first one is the primary checker)."""
-    _TASKS[name] = judges
-
-
-def _answers_judge(task: str, checker: str) -> Judge:
-    def judge(response: str, label: str) -> tuple[bool, bool]:
-        j = answers.judge(response, label, task, checker)
-        return j.correct, j.parsable
-
-    return judge
-
-
-for _task in answers.TASKS:
-    register_task(_task, {c: _answers_judge(_task, c) for c in answers.CHECKERS})
-
-
-def task_judges(task: str) -> dict[str, Judge]:
-    if task not in _TASKS:
-        import megatron_qrm.demo.task  # noqa: F401  (registers the demo's synthetic task)
-    if task not in _TASKS:
-        raise ValueError(f"unknown --task {task!r}; known: {', '.join(sorted(_TASKS))}")
-    return _TASKS[task]
+# the task registry lives in evaluation/tasks.py; re-exported here for existing callers
+__all__ = ["Judge", "register_task", "task_judges"]
 
 
 def _dp_slice(n: int) -> list[int]:

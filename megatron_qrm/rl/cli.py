@@ -6,7 +6,7 @@ import argparse
 
 
 def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
-    from megatron_qrm.cli import add_logging_args, add_parallel_args
+    from megatron_qrm.arguments import add_logging_args, add_parallel_args
 
     name = "train-ppo" if algo == "ppo" else "train-reinforce"
     doc = ("PPO of a policy with token-level rewards (Q-RM: A_t = Z_std - beta*KL - V, no GAE)" if algo == "ppo"
@@ -84,7 +84,7 @@ def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
 
 
 def run_rl(args, algo: str) -> int:
-    from megatron_qrm.cli import parallel_config_from_args, use_bf16
+    from megatron_qrm.arguments import parallel_config_from_args, use_bf16
     from megatron_qrm.data import PromptDataConfig
     from megatron_qrm.models import LoRAConfig
     from megatron_qrm.rl.rollout import SamplingConfig
