@@ -162,8 +162,33 @@ def test_progress_bar_position_and_postfix(tmp_path) -> None:
 
 def test_run_config_written(tmp_path) -> None:
     logger = MetricsLogger(tmp_path, tensorboard=False, progress=False, run_config={"lr": 1e-5, "beta": 0.2})
+    logger.open()
     logger.close()
     assert json.loads((tmp_path / "run_config.json").read_text()) == {"beta": 0.2, "lr": 1e-5}
+
+
+def test_nothing_touched_before_the_first_log(tmp_path) -> None:
+    """A start that fails its checks after creating the logger leaves the earlier run's files as they were."""
+    (tmp_path / "run_config.json").write_text('{"lr": 1}')
+    (tmp_path / METRICS_FILENAME).write_text('{"step": 1, "time": 1.0}\n{"step": 2, "time": 2.0}\n')
+    logger = MetricsLogger(tmp_path, progress=False, run_config={"lr": 2}, start_step=1, supersede_after_start=True)
+    logger.close()
+    assert (tmp_path / "run_config.json").read_text() == '{"lr": 1}'
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_resumed_run_supersedes_steps_after_its_checkpoint(tmp_path) -> None:
+    """Two killed attempts logged steps 1-5 and 4-6 past checkpoint 3; the resume from 3 keeps each step once."""
+    path = tmp_path / METRICS_FILENAME
+    path.write_text("".join(f'{{"step": {s}, "time": 0, "train/loss": {s}}}\n' for s in (1, 2, 3, 4, 5, 4, 5, 6)))
+    logger = MetricsLogger(tmp_path, progress=False, tensorboard=False, start_step=3, supersede_after_start=True)
+    for s in (4, 5, 6, 7):
+        logger.log(s, {"loss": 10 * s})
+    logger.close()
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["train/loss"] for r in records] == [1, 2, 3, 40, 50, 60, 70]
 
 
 def test_wandb_missing_warns_once_and_continues(tmp_path, monkeypatch) -> None:

@@ -11,6 +11,12 @@ methods are no-ops, so trainer code can call ``logger.log(...)`` unconditionally
 ``OUT_DIR/metrics.jsonl`` holds one JSON object per :meth:`MetricsLogger.log` call and is flushed after
 every line, so a killed run leaves a readable file and a resumed run appends to it. Use
 :func:`read_metrics` to load it.
+
+Nothing is created or changed on disk until the first :meth:`MetricsLogger.log` (or :meth:`open`): a
+start that fails its checks (bad flag, tokenizer mismatch, unwritable ``--save``) leaves an earlier run's
+``metrics.jsonl`` and ``run_config.json`` as they were. With ``supersede_after_start`` (the trainers), records
+of steps after ``start_step`` (logged by an attempt that was killed after its last checkpoint) are dropped
+when the files are opened, so after any number of kills and resumes the file holds each step once.
 """
 
 from __future__ import annotations
@@ -110,6 +116,10 @@ class MetricsLogger:
             on TensorBoard events at steps ``> start_step`` from an earlier, crashed attempt are purged.
         desc: progress-bar description.
         progress: show a tqdm progress bar.
+        supersede_after_start: when the files are opened, drop ``metrics.jsonl`` records with a step
+            after ``start_step`` (trainers: the steps a killed attempt logged past its last checkpoint,
+            or, for a run started afresh in the same directory, an earlier run's steps), so that the file
+            holds each step once.
     """
 
     def __init__(
@@ -125,30 +135,54 @@ class MetricsLogger:
         start_step: int = 0,
         desc: str = "train",
         progress: bool = True,
+        supersede_after_start: bool = False,
     ) -> None:
         self.enabled = enabled
         self.out_dir = os.fspath(out_dir) if out_dir is not None else None
         self.metrics_path: str | None = None
+        #: steps already done (a resumed run's checkpoint iteration); may be set until the first log()
+        self.start_step = start_step
         self._jsonl = None
         self._tb = None
         self._wandb = None
         self._bar = None
         self._postfix: dict[str, str] = {}
         self._closed = False
+        self._opened = False
+        self._supersede = supersede_after_start
+        self._tensorboard = tensorboard
+        self._wandb_args = (wandb_project, wandb_run_name)
+        self._run_config = run_config
+        self._progress = (progress, total_steps, desc)
         if not enabled:
             return
+        if progress:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
+    def open(self) -> None:
+        """Create/trim the files and start TensorBoard/wandb (done by the first :meth:`log` otherwise).
+
+        With ``supersede_after_start``, records of ``metrics.jsonl`` with a step after :attr:`start_step`
+        are dropped (rewritten atomically): a resumed run logs those steps again.
+        """
+        if not self.enabled or self._opened or self._closed:
+            return
+        self._opened = True
+        if self._bar is not None and self._bar.n < self.start_step:
+            self._bar.update(self.start_step - self._bar.n)
         if self.out_dir is not None:
             os.makedirs(self.out_dir, exist_ok=True)
             self.metrics_path = os.path.join(self.out_dir, METRICS_FILENAME)
             _repair_trailing_line(self.metrics_path)
+            if self._supersede:
+                _drop_records_after(self.metrics_path, self.start_step)
             # append mode: a resumed run continues the same file
             self._jsonl = open(self.metrics_path, "a", encoding="utf-8")
-            if run_config is not None:
+            if self._run_config is not None:
                 with open(os.path.join(self.out_dir, "run_config.json"), "w", encoding="utf-8") as f:
-                    json.dump(run_config, f, indent=2, sort_keys=True, default=str)
+                    json.dump(self._run_config, f, indent=2, sort_keys=True, default=str)
 
-        if tensorboard and self.out_dir is not None:
+        if self._tensorboard and self.out_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # tensorboard package missing
@@ -158,14 +192,12 @@ class MetricsLogger:
                     log_dir=os.path.join(self.out_dir, TENSORBOARD_SUBDIR),
                     # on resume, hide events that a crashed attempt wrote past the checkpoint: steps
                     # 1..start_step are done (and logged), the first one this run logs is start_step + 1
-                    purge_step=start_step + 1 if start_step > 0 else None,
+                    purge_step=self.start_step + 1 if self.start_step > 0 else None,
                 )
 
-        if wandb_project:
-            self._init_wandb(wandb_project, wandb_run_name, run_config)
-
-        if progress:
-            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+        project, name = self._wandb_args
+        if project:
+            self._init_wandb(project, name, self._run_config)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -200,6 +232,7 @@ class MetricsLogger:
         """
         if not self.enabled or self._closed:
             return
+        self.open()
         scalars: dict[str, float] = {}
         for key, value in metrics.items():
             f = _to_float(value)
@@ -264,6 +297,35 @@ class MetricsLogger:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrite ``path`` without the records whose ``step`` is greater than ``step`` (atomic replace).
+
+    A resumed run restarts at its checkpoint's iteration ``step``; records after it come from an attempt
+    that was killed before saving again, and the resumed run logs those steps anew.
+    """
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            kept.append(line)  # left for read_metrics to warn about
+            continue
+        if not (isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step):
+            kept.append(line)
+    if len(kept) == len(lines):
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
