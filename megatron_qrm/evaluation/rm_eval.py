@@ -69,23 +69,8 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     if len(dataset) == 0:
         raise ValueError(f"--data {cfg.data}: no usable pairs ({dataset.stats})")
 
-    lora = LoRAConfig(**{k: (tuple(v) if k == "targets" else v) for k, v in saved.get("lora", {}).items()})
-    model = build_model(model_cfg, loss_cfg.role, precision=PrecisionConfig(bf16=cfg.bf16), lora=lora,
-                        sequence_parallel=cfg.parallel.sequence_parallel)
-    checkpointing.load_checkpoint(cfg.load, model, load_rng=False)
-    model.eval()
-
-    reference = None
-    if loss_cfg.kind == "dpo" and not lora.enabled:
-        cfg.reference_checkpoint = cfg.reference_checkpoint or saved.get("pretrained_checkpoint")
-        if not cfg.reference_checkpoint:
-            raise ValueError("a full fine-tuned DPO-RM needs its reference model: pass --reference-checkpoint "
-                             "(the checkpoint records no --pretrained-checkpoint to use)")
-        reference = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.bf16),
-                                sequence_parallel=cfg.parallel.sequence_parallel)
-        checkpointing.load_checkpoint(cfg.reference_checkpoint, reference, load_rng=False,
-                                      model_key_filter=lambda k: ".lora." not in k)
-        reference.eval()
+    model, reference = load_reward_models(cfg.load, saved, model_cfg, loss_cfg, cfg.parallel, cfg.bf16,
+                                          cfg.reference_checkpoint)
 
     pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -160,6 +145,32 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
               flush=True)
     parallel.barrier()
     return result
+
+
+def load_reward_models(load: str, saved: dict, model_cfg: ModelConfig, loss_cfg: RewardLossConfig,
+                       par: ParallelConfig, bf16: bool, reference_checkpoint: Optional[str] = None):
+    """Build a reward checkpoint's model in eval mode and load its weights; for a full fine-tuned DPO-RM also
+    its frozen reference (``reference_checkpoint``, or the checkpoint's recorded --pretrained-checkpoint).
+    Returns ``(model, reference or None)``; a LoRA DPO-RM's reference is its own base (``lora_disabled``).
+    Shared by ``qrm eval-rm`` and ``qrm serve``."""
+    lora = LoRAConfig(**{k: (tuple(v) if k == "targets" else v) for k, v in saved.get("lora", {}).items()})
+    model = build_model(model_cfg, loss_cfg.role, precision=PrecisionConfig(bf16=bf16), lora=lora,
+                        sequence_parallel=par.sequence_parallel)
+    checkpointing.load_checkpoint(load, model, load_rng=False)
+    model.eval()
+
+    reference = None
+    if loss_cfg.kind == "dpo" and not lora.enabled:
+        reference_checkpoint = reference_checkpoint or saved.get("pretrained_checkpoint")
+        if not reference_checkpoint:
+            raise ValueError("a full fine-tuned DPO-RM needs its reference model: pass --reference-checkpoint "
+                             "(the checkpoint records no --pretrained-checkpoint to use)")
+        reference = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=bf16),
+                                sequence_parallel=par.sequence_parallel)
+        checkpointing.load_checkpoint(reference_checkpoint, reference, load_rng=False,
+                                      model_key_filter=lambda k: ".lora." not in k)
+        reference.eval()
+    return model, reference
 
 
 def default_output_path(checkpoint_dir: str, data: str) -> str:

@@ -77,21 +77,26 @@ def train_forward_step(cfg: RewardLossConfig):
     return forward_step
 
 
-def token_credit_forward_step(cfg: RewardLossConfig, ref_logps: Optional[bool] = None):
+def token_credit_forward_step(cfg: RewardLossConfig, ref_logps: Optional[bool] = None, pairwise: bool = True):
     """Forward step that also returns per-token credits [n, S] aligned with ``response_mask``:
-    Z for Q-RM/ORM; beta * (log pi - log pi_ref) for DPO-RM (needs ``batch['ref_logps']`` [n, S])."""
+    Z for Q-RM/ORM; beta * (log pi - log pi_ref) for DPO-RM (needs ``batch['ref_logps']`` [n, S]).
+    ``pairwise=False``: the rows are independent sequences (``qrm serve``), not chosen/rejected pairs, so
+    only ``{"token_credits"}`` is returned (no pair loss or scores)."""
 
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator))
         output = model_forward(model, batch, with_labels=cfg.kind == "dpo")
 
         def loss_func(output_tensor):
-            res = pair_loss(cfg, output_tensor, batch)
             if cfg.kind == "dpo":
                 credits = dpo_token_credits(-output_tensor.float(), batch["ref_logps"], batch["label_mask"],
                                             beta=cfg.dpo_beta)
             else:
                 credits = output_tensor.squeeze(-1).float()
+            if not pairwise:
+                zero = torch.zeros((), device=credits.device)
+                return zero, torch.zeros((), dtype=torch.int), {"token_credits": credits.detach()}
+            res = pair_loss(cfg, output_tensor, batch)
             metrics = res.metrics()
             metrics.update(chosen_score=res.chosen_score, rejected_score=res.rejected_score, valid=res.valid,
                            index=batch["index"], token_credits=credits.detach())
