@@ -134,8 +134,13 @@ class SDPAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> Tensor:
-        if packed_seq_params is not None:
-            raise ValueError("packed sequences are not supported by SDPAttention; use the Transformer Engine spec")
+        if packed_seq_params is not None:  # THD: [t, heads, hn], causal within each cu_seqlens segment
+            from megatron_qrm.models.packed_attention import packed_causal_attention
+
+            if attention_bias is not None or attention_mask is not None:
+                raise ValueError("packed sequences take no attention mask or bias (cu_seqlens delimit them)")
+            return packed_causal_attention(query, key, value, packed_seq_params, self.softmax_scale,
+                                           self.dropout_p if self.training else 0.0, enable_gqa=_SDPA_HAS_GQA)
         if attention_bias is not None:
             raise ValueError("attention bias is not supported by SDPAttention")
         sq, b, np_, hn = query.shape

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.data.packing import packed_seq_params, unpack
 from megatron_qrm.models.logits import next_token_nll, real_vocab_size
 from megatron_qrm.rewards.losses import dpo_loss, dpo_token_credits, orm_loss, qrm_loss, token_logprobs_sum
 from megatron_qrm.training.engine import to_device
@@ -38,11 +39,17 @@ class RewardLossConfig:
 def model_forward(model, batch: dict[str, torch.Tensor], with_labels: bool):
     """GPTModel forward on a collated batch: [n, S, 1] scores (reward role), or [n, S] per-token
     cross-entropy of ``labels`` over the real vocabulary (policy role, vocab-parallel, never gathered);
-    hidden states on non-last pipeline stages."""
-    out = model(batch["tokens"], batch["position_ids"], attention_mask=None)
-    if not with_labels or not ps.is_pipeline_last_stage():
+    hidden states on non-last pipeline stages.
+
+    A packed batch (:mod:`megatron_qrm.data.packing`, tokens [1, T]) runs in megatron-core's THD layout
+    and its output is gathered back to the [n, S] rows, so the losses see the unpacked layout."""
+    out = model(batch["tokens"], batch["position_ids"], attention_mask=None,
+                packed_seq_params=packed_seq_params(batch))
+    if not ps.is_pipeline_last_stage():
         return out
-    return next_token_nll(out, batch["labels"], real_vocab_size(model))
+    if with_labels:
+        out = next_token_nll(out, batch["labels"], real_vocab_size(model))
+    return unpack(out, batch)
 
 
 def pair_loss(cfg: RewardLossConfig, output: torch.Tensor, batch: dict[str, torch.Tensor]):

@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import load_tokenizer, pad_multiple_for
+from megatron_qrm.data.packing import packed_seq_params, unpack
 from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.data.sft import SFTDataConfig, SFTDataset
@@ -62,11 +63,12 @@ class SFTTrainConfig:
 def sft_forward_step(data_iterator, model):
     """Per-token cross-entropy of the next token (vocab-parallel), summed over response positions."""
     batch = to_device(next(data_iterator))
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None)
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None,
+                   packed_seq_params=packed_seq_params(batch))
     vocab = real_vocab_size(model)
 
     def loss_func(logits):
-        ce = next_token_nll(logits, batch["labels"], vocab)
+        ce = unpack(next_token_nll(logits, batch["labels"], vocab), batch)  # [N, S] (a packed batch: gathered)
         mask = batch["label_mask"]
         loss_sum = (ce.float() * mask).sum()
         count = mask.sum()
