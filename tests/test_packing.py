@@ -1,0 +1,232 @@
+"""Sequence packing (data/packing.py, models/packed_attention.py): the packer against plain loops written
+here, the packed attention against per-sequence attention, and packed vs unpacked training steps --
+loss sums, per-pair scores, every token's score / log-prob and the gradients within 1e-5 -- for qrm, orm,
+dpo with and without LoRA at (TP, PP) = (1,1), (2,1), (1,2), an SFT step, and no cross-sequence leakage
+(CPU, gloo; the multi-process part runs tests/workers/packing_worker.py under torchrun)."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from launch import REPO, torchrun
+
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron_qrm.data.packing import (
+    balance_across_ranks,
+    first_fit_decreasing,
+    group_by_length,
+    pack_collated,
+    packed_seq_params,
+    padding_share,
+    plan_microbatches,
+    unpack,
+)
+from megatron_qrm.data.preference import TokenizedPair, collate_pairs
+from megatron_qrm.models.packed_attention import packed_causal_attention
+
+WORKER = os.path.join(REPO, "tests", "workers", "packing_worker.py")
+CASES = ("qrm", "orm", "dpo", "qrm_lora", "orm_lora", "dpo_lora")
+LAYOUTS = {"tp1pp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------- the packer
+def test_first_fit_decreasing_matches_a_hand_loop():
+    rng = random.Random(0)
+    for _ in range(50):
+        sizes = [rng.randint(1, 40) for _ in range(rng.randint(1, 30))]
+        cap = rng.randint(40, 90)
+        bins = first_fit_decreasing(sizes, cap)
+        # the textbook algorithm, written out: items by decreasing size, each into the first bin with room
+        expect, room = [], []
+        for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+            for b in range(len(expect)):
+                if room[b] >= sizes[i]:
+                    expect[b].append(i)
+                    room[b] -= sizes[i]
+                    break
+            else:
+                expect.append([i])
+                room.append(cap - sizes[i])
+        assert bins == expect
+        assert sorted(i for b in bins for i in b) == list(range(len(sizes)))
+        assert all(sum(sizes[i] for i in b) <= cap for b in bins)
+        # FFD never needs more than 11/9 OPT + 1 bins; OPT >= total / cap
+        assert len(bins) <= 11 / 9 * math.ceil(sum(sizes) / cap) + 1
+
+
+def test_first_fit_decreasing_rejects_an_item_too_large():
+    with pytest.raises(ValueError, match="does not fit"):
+        first_fit_decreasing([3, 11], 10)
+
+
+def test_balance_across_ranks_is_a_partition_with_close_totals():
+    rng = random.Random(1)
+    for _ in range(30):
+        sizes = [rng.randint(50, 900) for _ in range(rng.choice([8, 16, 32]))]
+        n = rng.choice([1, 2, 4])
+        parts = balance_across_ranks(sizes, n)
+        assert sorted(i for p in parts for i in p) == list(range(len(sizes)))
+        totals = [sum(sizes[i] for i in p) for p in parts]
+        assert all(p for p in parts)
+        # longest-processing-time: the spread is at most the largest item
+        assert max(totals) - min(totals) <= max(sizes)
+
+
+def test_plan_microbatches_covers_the_global_batch_across_ranks():
+    sizes = [120, 80, 300, 40, 220, 60, 90, 310]
+    plans = [plan_microbatches(sizes, 400, r, 2) for r in range(2)]
+    flat = sorted(i for plan in plans for mb in plan for i in mb)
+    assert flat == list(range(len(sizes)))
+    assert all(sum(sizes[i] for i in mb) <= 400 for plan in plans for mb in plan)
+
+
+def _pairs(seed: int, n: int) -> list[TokenizedPair]:
+    rng = random.Random(seed)
+    ids = lambda k: [rng.randint(4, 99) for _ in range(k)]  # noqa: E731
+    return [TokenizedPair(ids(rng.randint(1, 6)), ids(rng.randint(1, 9)), ids(rng.randint(1, 9)), False)
+            for _ in range(n)]
+
+
+def test_pack_collated_lays_sequences_out_one_after_another():
+    pairs = _pairs(2, 3)
+    batch = collate_pairs(pairs, pad_id=0, pad_to_multiple=1)
+    packed = pack_collated(batch, pad_id=0, pad_to_multiple=8)
+    seqs = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    real = sum(len(s) for s in seqs)
+    total = math.ceil(real / 8) * 8
+    # written out: concatenate, positions restart, labels = next token of the same sequence
+    tokens = [t for s in seqs for t in s] + [0] * (total - real)
+    positions = [p for s in seqs for p in range(len(s))] + list(range(total - real))
+    labels = [t for s in seqs for t in s[1:] + [0]] + [0] * (total - real)
+    bounds = [0]
+    for s in seqs:
+        bounds.append(bounds[-1] + len(s))
+    if total > real:
+        bounds.append(total)
+    assert packed["tokens"].tolist() == [tokens]
+    assert packed["position_ids"].tolist() == [positions]
+    assert packed["labels"].tolist() == [labels]
+    assert packed["cu_seqlens"].tolist() == bounds
+    assert int(packed["max_seqlen"]) == max(max(len(s) for s in seqs), total - real)
+    # unpack returns each row of the unpacked batch (0 beyond its length), and the masks are the unpacked ones
+    back = unpack(packed["tokens"], packed)
+    assert torch.equal(back, batch["tokens"])
+    assert torch.equal(packed["response_mask"], batch["response_mask"])
+    psp = packed_seq_params(packed)
+    assert psp.qkv_format == "thd" and torch.equal(psp.cu_seqlens_q, packed["cu_seqlens"])
+    assert padding_share([packed]) == pytest.approx((total - real) / total)
+    longest = max(len(s) for s in seqs)  # the unpacked batch pads every row to the longest
+    assert padding_share([batch]) == pytest.approx(sum(longest - len(s) for s in seqs) / (len(seqs) * longest))
+    assert packed_seq_params(batch) is None
+
+
+def test_unpack_is_differentiable_and_zero_on_padding():
+    pairs = _pairs(3, 2)
+    packed = pack_collated(collate_pairs(pairs, 0, 1), 0, 8)
+    t = packed["tokens"].shape[1]
+    v = torch.randn(1, t, requires_grad=True)
+    out = unpack(v, packed)
+    assert torch.equal(out[~packed["unpack_valid"]], torch.zeros(int((~packed["unpack_valid"]).sum())))
+    out.sum().backward()
+    n_real = int(packed["unpack_valid"].sum())
+    assert torch.equal(v.grad[0, :n_real], torch.ones(n_real))  # each real token used once
+    assert torch.equal(v.grad[0, n_real:], torch.zeros(t - n_real))  # the padding tail never
+
+
+def test_group_by_length_sorts_then_cuts():
+    idx = [10, 11, 12, 13, 14, 15]
+    sizes = [5, 50, 20, 40, 10, 30]
+    mbs = group_by_length(idx, sizes, 2)
+    assert [m.tolist() for m in mbs] == [[11, 13], [15, 12], [14, 10]]
+
+
+# ----------------------------------------------------------------------------- packed attention
+@pytest.mark.parametrize("groups", [4, 2])
+def test_packed_attention_equals_attention_per_sequence(groups):
+    torch.manual_seed(0)
+    lengths = [5, 1, 9, 3, 7]
+    heads, d = 4, 8
+    t = sum(lengths)
+    q = torch.randn(t, heads, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(t, groups, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(t, groups, d, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9, max_seqlen_kv=9)
+    out = packed_causal_attention(q, k, v, psp, softmax_scale=d ** -0.5, enable_gqa=False)
+    # reference: softmax attention written out, one sequence at a time
+    rep = heads // groups
+    expect = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = q[a:b], k[a:b].repeat_interleave(rep, 1), v[a:b].repeat_interleave(rep, 1)
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * d ** -0.5
+        s = s.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), float("-inf"))
+        expect.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), vs).reshape(b - a, heads * d))
+    expect = torch.cat(expect)
+    torch.testing.assert_close(out, expect, atol=1e-12, rtol=0)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    grads_ref = torch.autograd.grad(expect, (q, k, v), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- training steps
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("packing"))
+    torchrun([WORKER, "init", "--dir", d, "--tag", "tp1pp1"], nproc=1)
+    for tag, (tp, pp) in LAYOUTS.items():
+        if tag != "tp1pp1":
+            torchrun([WORKER, "run", "--dir", d, "--tp", str(tp), "--pp", str(pp), "--tag", tag], nproc=tp * pp)
+    return {tag: torch.load(os.path.join(d, f"{tag}.pt"), weights_only=False) for tag in LAYOUTS}
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", CASES)
+def test_packed_step_equals_unpacked(results, layout, case):
+    ref = results["tp1pp1"][case]["unpacked"]
+    for other in (results[layout][case]["unpacked"], results[layout][case]["packed"]):
+        assert other["sums"]["num_valid"] == ref["sums"]["num_valid"] > 0
+        for k in ref["sums"]:
+            assert abs(ref["sums"][k] - other["sums"][k]) <= TOL * max(1.0, abs(ref["sums"][k])), k
+        torch.testing.assert_close(other["chosen"], ref["chosen"], atol=TOL, rtol=0)
+        torch.testing.assert_close(other["rejected"], ref["rejected"], atol=TOL, rtol=0)
+        assert len(other["tokens"]) == len(ref["tokens"]) == 12
+        for a, b in zip(other["tokens"], ref["tokens"]):
+            torch.testing.assert_close(a, b, atol=TOL, rtol=0)
+        assert other["grads"].keys() == ref["grads"].keys()
+        for k in ref["grads"]:
+            assert ref["grads"][k].abs().max() > 0 or "embedding" in k, f"{k}: zero gradient"
+            torch.testing.assert_close(other["grads"][k], ref["grads"][k], atol=TOL, rtol=0, msg=f"grad {k}")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", CASES)
+def test_no_cross_sequence_leakage(results, case):
+    leak = results["tp1pp1"][case]["leakage"]
+    others = leak["valid"].clone()
+    others[leak["changed_row"]] = False
+    assert others.sum() > 0
+    assert torch.equal(leak["base"][others], leak["changed"][others])  # bit-identical
+    row = leak["changed_row"]
+    assert not torch.equal(leak["base"][row], leak["changed"][row])  # the changed sequence did change
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", ["dpo", "dpo_lora"])
+def test_sft_step_packed_equals_unpacked(results, case):
+    unpacked, packed = results["tp1pp1"][case]["sft"]
+    assert packed["n_micro"] >= 2
+    assert unpacked["sums"]["tokens"] == packed["sums"]["tokens"] > 0
+    assert abs(unpacked["sums"]["loss_sum"] - packed["sums"]["loss_sum"]) <= TOL * unpacked["sums"]["loss_sum"]
+    for k in unpacked["grads"]:
+        assert unpacked["grads"][k].abs().max() > 0 or "embedding" in k
+        torch.testing.assert_close(packed["grads"][k], unpacked["grads"][k], atol=TOL, rtol=0, msg=k)
