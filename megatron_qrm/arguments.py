@@ -47,7 +47,7 @@ def model_config_from_args(args) -> Optional[ModelConfig]:
         return None
     missing = [f"--{k.replace('_', '-')}" for k in _SIZE_FLAGS if k not in given]
     if missing:
-        raise SystemExit(f"error: without --model, the model size needs {', '.join(missing)}")
+        raise ValueError(f"without --model, the model size needs {', '.join(missing)}")
     if "max_position_embeddings" not in given:
         given["max_position_embeddings"] = max(getattr(args, "seq_length", 0) or 0, 4096)
     return ModelConfig(**given)
@@ -72,9 +72,9 @@ def use_bf16(args) -> bool:
     import torch
 
     if args.bf16 and args.fp32:
-        raise SystemExit("error: --bf16 and --fp32 are exclusive")
+        raise ValueError("--bf16 and --fp32 are exclusive")
     if args.bf16 and not torch.cuda.is_available():
-        raise SystemExit("error: --bf16 needs a GPU; on CPU training runs in fp32")
+        raise ValueError("--bf16 needs a GPU; on CPU training runs in fp32")
     return args.bf16 or (torch.cuda.is_available() and not args.fp32)
 
 
@@ -93,6 +93,8 @@ def add_data_args(p: argparse.ArgumentParser, data_flag: str, required: bool) ->
                    help="skip (and count) pairs whose prompt alone exceeds --seq-length instead of failing")
     g.add_argument("--data-split", default="train", help="split, for a `datasets` source")
     g.add_argument("--max-pairs", type=int)
+    g.add_argument("--strict-data", action="store_true",
+                   help="fail on a pair with an empty side or chosen == rejected instead of skipping (and counting) it")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -122,6 +124,16 @@ def add_training_args(p: argparse.ArgumentParser, unit: str) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--no-distributed-optimizer", action="store_true",
                    help="replicate optimizer state instead of sharding it across data-parallel ranks")
+    add_failure_args(g)
+
+
+def add_failure_args(g) -> None:
+    """Failure handling shared by every trainer (README "Failure handling")."""
+    g.add_argument("--max-nonfinite-steps", type=int, default=3,
+                   help="optimizer steps with a non-finite loss or gradient are skipped; this many in a row stop "
+                        "the run (exit 3) without saving")
+    g.add_argument("--allow-tokenizer-change", action="store_true",
+                   help="accept a tokenizer other than the checkpoint's (recorded in the new checkpoints)")
 
 
 def add_lora_args(p: argparse.ArgumentParser) -> None:
@@ -154,7 +166,7 @@ def optim_config_from_args(args, bf16: bool):
 
     for flag in ("micro_batch_size", "global_batch_size", "train_iters"):
         if getattr(args, flag) <= 0:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be positive")
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     return OptimConfig(lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
                        lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters,
                        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,

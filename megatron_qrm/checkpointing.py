@@ -10,11 +10,25 @@ Layout of a save directory::
 A checkpoint is written under ``<name>.tmp`` and renamed only after every rank finished writing, then
 ``latest`` is replaced with ``os.replace``; a run killed at any moment leaves the previous checkpoint
 as latest.
+
+Failure handling (docs: README "Failure handling"):
+
+* a model with a non-finite weight is never saved (:class:`~megatron_qrm.errors.NonFiniteError`);
+* a write that fails (no space, permissions) removes its ``.tmp`` directory, leaves ``latest`` alone and
+  raises :class:`~megatron_qrm.errors.CheckpointWriteError` naming the cause and, for a full disk, the
+  space needed and free;
+* :func:`preflight_save_dir` checks before any model is built that the directory is writable and holds
+  one checkpoint (:func:`estimate_checkpoint_bytes`);
+* shards are written synchronously by the calling process (:class:`SyncTorchDistSaveStrategy`):
+  megatron-core's default ``torch_dist`` writer forks writer processes and starts a multiprocessing
+  ``Manager`` (with its resource tracker) that outlive a SIGKILLed trainer.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
 import re
@@ -29,6 +43,14 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+
+from megatron_qrm.errors import CheckpointWriteError, NonFiniteError
 
 CONFIG_FILE = "qrm_config.json"
 # Optimizer state as per-bucket shards: parallel save/load; resuming with another DP size works, with
@@ -63,6 +85,60 @@ def resolve_checkpoint(path: str) -> Optional[str]:
             return os.path.join(path, name)
     done = sorted(d for d in os.listdir(path) if _ITER_RE.match(d) and _is_complete(os.path.join(path, d)))
     return os.path.join(path, done[-1]) if done else None
+
+
+def resolve_or_fail(path: str, flag: str = "--load") -> str:
+    """:func:`resolve_checkpoint`, once, raising ``FileNotFoundError`` naming ``flag`` when there is none.
+
+    Readers (eval-rm, eval-policy, RL) resolve ``latest`` ONCE with this and then read the config, load
+    the weights and name their outputs from the returned directory, so that a trainer writing a newer
+    checkpoint meanwhile cannot make them report one checkpoint and evaluate another.
+    """
+    resolved = resolve_checkpoint(path)
+    if resolved is None:
+        raise FileNotFoundError(f"{flag} {path}: no complete checkpoint there (expected {CONFIG_FILE} in it, or a "
+                                f"`{LATEST_FILE}` file naming one)")
+    return resolved
+
+
+#: ModelConfig fields that fix tensor shapes, with their flags: a checkpoint cannot load into another value
+SIZE_FLAGS = {"num_layers": "--num-layers", "hidden_size": "--hidden-size",
+              "num_attention_heads": "--num-attention-heads", "num_query_groups": "--num-query-groups",
+              "ffn_hidden_size": "--ffn-hidden-size", "vocab_size": "--vocab-size", "qkv_bias": "--qkv-bias",
+              "tie_word_embeddings": "--tie-word-embeddings"}
+
+
+def check_size_flags(given, saved: dict[str, Any], source: str) -> None:
+    """Raise ``ValueError`` naming the first size flag whose value differs from the checkpoint's model config
+    (``given``: the ModelConfig built from flags; ``saved``: the checkpoint's ``qrm_config.json``; ``source``:
+    e.g. ``"--load SAVE"``). A vocabulary of 0 (take the tokenizer's) matches anything."""
+    model = saved.get("model") or {}
+    for field_name, flag in SIZE_FLAGS.items():
+        mine, theirs = getattr(given, field_name, None), model.get(field_name)
+        if theirs is None or mine is None or (field_name == "vocab_size" and not mine):
+            continue
+        differs = bool(mine) != theirs if isinstance(theirs, bool) else mine != theirs
+        if differs:
+            raise ValueError(f"{flag} {mine} conflicts with the checkpoint ({source}), whose model has "
+                             f"{field_name} = {theirs}; drop the size flags to use the checkpoint's model")
+
+
+def tokenizer_record(tokenizer, tokenizer_path: str, saved: Optional[dict[str, Any]],
+                     change: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """``qrm_config.json`` entries about the tokenizer: its identity (vocabulary size + fingerprint, checked
+    by :func:`megatron_qrm.data.tokenizer.check_tokenizer_identity`) and the list of deliberate changes
+    (``--allow-tokenizer-change``) inherited from ``saved`` plus ``change``."""
+    if tokenizer is None:
+        return {}
+    from megatron_qrm.data.tokenizer import tokenizer_identity
+
+    changes = list((saved or {}).get("tokenizer_changes") or [])
+    if change:
+        changes.append(change)
+    out: dict[str, Any] = {"tokenizer_identity": tokenizer_identity(tokenizer, tokenizer_path)}
+    if changes:
+        out["tokenizer_changes"] = changes
+    return out
 
 
 def read_config(ckpt_dir: str) -> dict[str, Any]:
@@ -128,6 +204,131 @@ def _model_sharded_state_dict(model) -> dict:
     return module.sharded_state_dict()
 
 
+class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+    """megatron-core's ``torch_dist`` format (any TP/PP/DP can load it), written by the calling process.
+
+    The stock strategy hands its shards to ``FileSystemWriterAsync``, which even for a synchronous save
+    forks one writer process per shard file and routes results through a ``multiprocessing.Manager``
+    (a spawned server process with a resource tracker, kept for the life of the trainer). A SIGKILLed
+    trainer leaves those behind. Here torch's own ``FileSystemWriter`` writes the same files (same
+    planner, same metadata) from this process: no child process exists at any time.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint import save as dcp_save
+
+        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+        pyt_state = mcore_to_pyt_state_dict(state, False)
+        dcp_save(pyt_state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=True),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                          flatten_state_dict=False))
+
+
+def count_nonfinite(model) -> tuple[int, int, int]:
+    """(non-finite, total, trainable) parameter elements of ``model`` summed over its model-parallel
+    (TP x PP) ranks. Collective. Parameters replicated over TP (norms) are counted once per TP rank."""
+    module = model.module if hasattr(model, "module") else model
+    bad = total = trainable = 0
+    for p in module.parameters():
+        bad += int((~torch.isfinite(p.detach())).sum())
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    t = torch.tensor([float(bad), float(total), float(trainable)], dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron_qrm import parallel
+
+        parallel.all_reduce_host(t, group=ps.get_model_parallel_group())
+    return int(t[0]), int(t[1]), int(t[2])
+
+
+def estimate_checkpoint_bytes(model_cfg, role: str, *, lora_rank: int = 0, bf16: bool = False,
+                              with_optimizer: bool = True) -> int:
+    """Bytes of one checkpoint: weights (bf16 or fp32) plus, when training, Adam's two fp32 moments (and
+    bf16's fp32 master copy) of the trainable parameters. Vocabulary padding and metadata are ignored."""
+    from megatron_qrm.planning.params import stage_parameters
+
+    sp = stage_parameters(model_cfg, role, 1, 1, 0, lora_rank=lora_rank)
+    weights = sp.total * (2 if bf16 else 4)
+    optim = sp.trainable * (12 if bf16 else 8) if with_optimizer else 0
+    return weights + optim
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def _free_bytes(path: str) -> int:
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe or ".").free
+
+
+def preflight_save_dir(path: Optional[str], flag: str, needed_bytes: int = 0) -> None:
+    """Before any model is built: ``path`` can be created and written, and (``needed_bytes``) its file
+    system has room for one checkpoint. Raises ``ValueError`` naming ``flag``. Writes nothing that stays."""
+    if not path:
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".qrm_write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: not writable ({e.strerror or e}); choose a writable directory") from None
+    if needed_bytes:
+        free = _free_bytes(path)
+        if free < needed_bytes:
+            raise ValueError(f"{flag} {path}: no space left on device for one checkpoint: needed ~{_gb(needed_bytes)}, "
+                             f"free {_gb(free)}")
+
+
+def _is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything it wraps, incl. torch.distributed.checkpoint's per-rank failures) is a
+    full disk. torch's zip writer reports ENOSPC as ``unexpected pos N vs M`` without the errno."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left" in text or "ENOSPC" in text or "unexpected pos" in text:
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # CheckpointException: {rank: exception}
+        if isinstance(failures, dict):
+            todo += [v for v in failures.values() if isinstance(v, BaseException)]
+    return False
+
+
+def _checkpoint_write_error(exc: BaseException, save_dir: str, tmp: str, iteration: int,
+                            expected_bytes: int) -> CheckpointWriteError:
+    try:
+        written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(tmp) for f in fs)
+    except OSError:
+        written = 0
+    shutil.rmtree(tmp, ignore_errors=True)
+    marker = os.path.join(save_dir, LATEST_FILE)
+    kept = open(marker).read().strip() if os.path.exists(marker) else None
+    keep = f"`latest` still names {kept}" if kept else "no earlier checkpoint exists"
+    where = f"saving checkpoint {iter_dir_name(iteration)} to {save_dir} (--save)"
+    if _is_no_space(exc):
+        needed = max(expected_bytes, written)
+        return CheckpointWriteError(f"{where} failed: no space left on device: needed ~{_gb(needed)}, free "
+                                    f"{_gb(_free_bytes(save_dir))}; {keep}")
+    if isinstance(exc, PermissionError) or "Permission denied" in str(exc):
+        return CheckpointWriteError(f"{where} failed: permission denied; {keep}")
+    return CheckpointWriteError(f"{where} failed: {type(exc).__name__}: {exc}; {keep}")
+
+
 def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any], *, optimizer=None,
                     scheduler=None, train_state: Optional[TrainState] = None,
                     extra_files: Optional[dict[str, Any]] = None, keep_last: Optional[int] = None) -> str:
@@ -138,26 +339,31 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
     """
     final = os.path.join(save_dir, iter_dir_name(iteration))
     tmp = final + ".tmp"
+    bad, total, trainable = count_nonfinite(model)
+    expected_bytes = total * 4 + (trainable * 8 if optimizer is not None else 0)
+    if bad:
+        marker = os.path.join(save_dir, LATEST_FILE)
+        kept = open(marker).read().strip() if os.path.exists(marker) else "nothing"
+        raise NonFiniteError(f"iteration {iteration}: {bad:,} of {total:,} weights are not finite: not saving "
+                             f"{iter_dir_name(iteration)} (`latest` in {save_dir} still names {kept})")
     if dist.get_rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
         os.makedirs(tmp)
     dist.barrier()
+    error: Optional[BaseException] = None
+    try:
+        _write_checkpoint(tmp, model, optimizer, scheduler, train_state, extra_files)
+    except Exception as e:  # noqa: BLE001 - mapped to a message naming the cause; the .tmp is removed
+        error = e
+    failed = torch.tensor([0.0 if error is None else 1.0])
+    if dist.get_world_size() > 1:
+        from megatron_qrm import parallel
 
-    model_sd = _model_sharded_state_dict(model)
-    state: dict[str, Any] = {"model": model_sd, "rng_state": _rng_sharded_object()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    if train_state is not None:
-        state["train_state"] = train_state.to_dict()
-    dist_checkpointing.save(state, tmp)
-    if extra_files and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
-        for name, obj in extra_files.items():
-            if obj is not None:
-                torch.save(obj, os.path.join(tmp, name))
-    dist.barrier()
+        parallel.all_reduce_host(failed, op=dist.ReduceOp.MAX)
+    if float(failed) > 0:
+        cause = error if error is not None else RuntimeError("another rank failed to write its shards")
+        raise _checkpoint_write_error(cause, save_dir, tmp, iteration, expected_bytes) from error
 
     if dist.get_rank() == 0:
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
@@ -177,6 +383,22 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
             _prune(save_dir, keep_last, iteration)
     dist.barrier()
     return final
+
+
+def _write_checkpoint(tmp: str, model, optimizer, scheduler, train_state, extra_files) -> None:
+    model_sd = _model_sharded_state_dict(model)
+    state: dict[str, Any] = {"model": model_sd, "rng_state": _rng_sharded_object()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    if train_state is not None:
+        state["train_state"] = train_state.to_dict()
+    dist_checkpointing.save(state, tmp, sharded_strategy=SyncTorchDistSaveStrategy())
+    if extra_files and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
+        for name, obj in extra_files.items():
+            if obj is not None:
+                torch.save(obj, os.path.join(tmp, name))
 
 
 def _prune(save_dir: str, keep_last: int, iteration: int) -> None:
@@ -213,7 +435,13 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
     if load_rng:
         request["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(request, ckpt)
+    try:
+        loaded = dist_checkpointing.load(request, ckpt)
+    except Exception:
+        if not _is_complete(ckpt):  # removed (e.g. pruned by a trainer's --keep-last) after it was chosen
+            raise FileNotFoundError(f"checkpoint {ckpt} was removed while it was being loaded (a running "
+                                    "trainer's --keep-last pruning it?); run again to use the newest") from None
+        raise
     module = model.module if hasattr(model, "module") else model
     missing, unexpected = module.load_state_dict(loaded["model"], strict=False)
     if strict and model_key_filter is None and missing:

@@ -69,7 +69,8 @@ def _common_run_fields(args) -> dict:
         log_interval=args.log_interval, log_dir=args.log_dir, tensorboard=not args.no_tensorboard,
         wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, transformer_impl=args.transformer_impl,
         recompute_granularity=args.recompute_granularity, recompute_num_layers=args.recompute_num_layers,
-        skip_memory_check=args.skip_memory_check)
+        skip_memory_check=args.skip_memory_check, max_nonfinite_steps=args.max_nonfinite_steps,
+        allow_tokenizer_change=args.allow_tokenizer_change)
 
 
 def run_train_rm(args) -> int:
@@ -82,7 +83,7 @@ def run_train_rm(args) -> int:
                                   chosen_field=args.chosen_field, rejected_field=args.rejected_field,
                                   chat_template=bool(args.chat_template), seq_length=args.seq_length or 1024,
                                   skip_long_prompts=args.skip_long_prompts, split=args.data_split,
-                                  max_pairs=args.max_pairs),
+                                  max_pairs=args.max_pairs, strict=args.strict_data),
         loss=RewardLossConfig(args.reward_loss, args.qrm_beta, args.qrm_gamma, args.dpo_beta),
         **_common_run_fields(args),
     )

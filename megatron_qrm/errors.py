@@ -24,3 +24,22 @@ def print_error_line(message: str) -> None:
         return
     while line:
         line = line[os.write(fd, line):]
+
+
+class RunAborted(RuntimeError):
+    """A run stopped on purpose because continuing would waste work or lose state (not a user error and
+    not a bug): ``qrm`` prints ``qrm COMMAND: error: <message>`` and exits with :data:`EXIT_ABORTED`."""
+
+
+class NonFiniteError(RunAborted):
+    """Loss, gradients, weights, log-probs, rewards or advantages stopped being finite numbers."""
+
+
+class CheckpointWriteError(RunAborted):
+    """A checkpoint could not be written (no space, permissions); ``latest`` still names the previous one."""
+
+
+#: exit status of a user error (a bad flag, file or data line): argparse uses 2 for its own errors too
+EXIT_USER_ERROR = 2
+#: exit status of a run stopped by :class:`RunAborted` (non-finite training, a failed checkpoint write)
+EXIT_ABORTED = 3

@@ -28,8 +28,52 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if use_cuda() else torch.device("cpu")
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux; a no-op elsewhere)."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
+_fork_hook_installed = False
+
+
+def install_orphan_guards() -> None:
+    """No process of a trainer's tree outlives it, SIGKILL included.
+
+    * every process this one forks from now on (data workers, any library's helper) gets
+      ``PR_SET_PDEATHSIG = SIGKILL``: the kernel kills it when this process dies;
+    * a rank started by torchrun gets the same towards torchrun, so killing the launcher ends its ranks.
+
+    (megatron-core's checkpoint writer, which forks writers and starts a multiprocessing Manager, is not
+    used: :class:`megatron_qrm.checkpointing.SyncTorchDistSaveStrategy` writes from this process.)
+    """
+    global _fork_hook_installed
+    if _fork_hook_installed:
+        return
+    _fork_hook_installed = True
+    os.register_at_fork(after_in_child=_die_with_parent)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun: die with the launcher
+        parent = os.getppid()
+        _die_with_parent()
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os._exit(1)
+
+
 def initialize(par: ParallelConfig) -> None:
     """Initialise torch.distributed (env:// from torchrun, or a 1-process group) and Megatron groups."""
+    install_orphan_guards()
     if not use_cuda():
         from megatron_qrm import cpu
 

@@ -10,7 +10,15 @@ from .preference import (
 )
 from .prompts import PromptDataConfig, PromptDataset
 from .sources import DataError, read_records
-from .tokenizer import HFTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
+from .tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    TokenizerMismatchError,
+    check_tokenizer_identity,
+    load_tokenizer,
+    tokenizer_identity,
+)
 
 __all__ = [
     "DataError",
@@ -23,8 +31,11 @@ __all__ = [
     "TOKENIZE_CHUNK",
     "TokenizedPair",
     "Tokenizer",
+    "TokenizerMismatchError",
+    "check_tokenizer_identity",
     "collate_pairs",
     "load_tokenizer",
     "pad_multiple_for",
     "read_records",
+    "tokenizer_identity",
 ]

@@ -48,6 +48,8 @@ class PreferenceDataConfig:
     skip_long_prompts: bool = False
     split: str = "train"
     max_pairs: int | None = None
+    #: a pair with an empty response or chosen == rejected is an error (``--strict-data``), not a skip
+    strict: bool = False
 
 
 @dataclass
@@ -100,7 +102,9 @@ class PreferenceDataset:
             raise ValueError(f"max_pairs must be a positive number or None, got {cfg.max_pairs}")
         self.cfg = cfg
         self.tokenizer = tokenizer
-        self.stats: dict[str, int] = {"records": 0, "pairs": 0, "truncated": 0, "skipped_long_prompt": 0}
+        self.stats: dict[str, int] = {"records": 0, "pairs": 0, "truncated": 0, "skipped_long_prompt": 0,
+                                      "skipped_empty_response": 0, "skipped_identical": 0}
+        self._first_skipped: str | None = None  # FILE:LINE of the first pair skipped as degenerate
         self.locations: list[str] = []
         # Compact storage: distinct prompts once, responses as int32 arrays; lists are built on access.
         self._prompts: list[np.ndarray] = []
@@ -132,6 +136,14 @@ class PreferenceDataset:
                     break
         if chunk:
             self._add_chunk(chunk)
+        degenerate = self.stats["skipped_empty_response"] + self.stats["skipped_identical"]
+        if degenerate:
+            import logging
+
+            logging.getLogger("megatron_qrm").warning(
+                f"{cfg.path}: skipped {self.stats['skipped_empty_response']} pairs with an empty response and "
+                f"{self.stats['skipped_identical']} with chosen == rejected (first at {self._first_skipped}); "
+                "they carry no preference (--strict-data makes them an error)")
         # Only needed while building; the texts can be large.
         self._render_cache.clear()
         self._prompt_index.clear()
@@ -165,7 +177,16 @@ class PreferenceDataset:
             self._prompts.append(np.asarray(prompt_ids, dtype=np.int32))
         n = len(chunk)
         chosen_ids, rejected_ids = ids[len(new_prompts) : len(new_prompts) + n], ids[len(new_prompts) + n :]
-        for (loc, _, _, _), (text, _), c_ids, r_ids in zip(chunk, rendered, chosen_ids, rejected_ids):
+        for (loc, _, c_text, r_text), (text, _), c_ids, r_ids in zip(chunk, rendered, chosen_ids, rejected_ids):
+            problem = ("skipped_empty_response", "an empty response") if not c_text.strip() or not r_text.strip() \
+                else ("skipped_identical", "chosen == rejected") if c_ids == r_ids else None
+            if problem is not None:  # no preference to learn from
+                if self.cfg.strict:
+                    raise DataError(f"{loc}: {problem[1]} (--strict-data); fix the record or drop --strict-data "
+                                    "to skip such pairs")
+                self.stats[problem[0]] += 1
+                self._first_skipped = self._first_skipped or loc
+                continue
             p_idx = self._prompt_index[text]
             p_len = len(self._prompts[p_idx])
             if p_len >= L:

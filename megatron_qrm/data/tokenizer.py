@@ -271,3 +271,81 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         f"--tokenizer {name!r}: the directory contains neither Hugging Face tokenizer files "
         f"({', '.join(_HF_FILES)}) nor a SentencePiece tokenizer.model"
     )
+
+
+# ----------------------------------------------------------------------------- tokenizer identity
+#: Files of a tokenizer directory that define its ids (hashed, in this order, when present).
+_IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """SHA-256 (hex, first 16 characters) of the files that define a tokenizer's ids: the ``.model`` file
+    itself, or the known tokenizer files of a directory (names and contents). Moving or copying the
+    tokenizer keeps its fingerprint; editing, retraining or swapping it changes it."""
+    import hashlib
+
+    p = Path(os.fspath(path)).expanduser()
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else [p / f for f in _IDENTITY_FILES if (p / f).is_file()]
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def tokenizer_identity(tokenizer: Tokenizer, path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint records about its tokenizer (``qrm_config.json["tokenizer_identity"]``)."""
+    return {"vocab_size": int(tokenizer.vocab_size), "fingerprint": tokenizer_fingerprint(path),
+            "path": os.path.abspath(os.fspath(path))}
+
+
+class TokenizerMismatchError(ValueError):
+    """The tokenizer given differs from the one a checkpoint was trained with."""
+
+
+def check_tokenizer_identity(saved_config: dict[str, Any], tokenizer: Tokenizer, path: str | os.PathLike, *,
+                             checkpoint: str, model_vocab_size: int | None = None, flag: str = "--tokenizer",
+                             allow_change: bool = False) -> dict[str, Any] | None:
+    """Refuse a tokenizer other than the checkpoint's. For every reader of a checkpoint: resume, eval,
+    RL, serving (``megatron_qrm.serving`` calls this with its ``--tokenizer``).
+
+    ``saved_config``: the checkpoint's ``qrm_config.json``; ``tokenizer``/``path``: the tokenizer about to
+    be used; ``model_vocab_size``: the model's embedding rows (default: the saved model config's).
+
+    * A tokenizer with more ids than the model's vocabulary is always refused (its ids would index past
+      the embedding table: a raw ``IndexError`` deep in the forward pass otherwise).
+    * A checkpoint that records ``tokenizer_identity`` (vocabulary size + :func:`tokenizer_fingerprint`)
+      must match it; with ``allow_change`` (``--allow-tokenizer-change``) a different one is accepted and
+      the returned record (``{"from": ..., "to": ...}``) is to be appended to the new checkpoint's
+      ``tokenizer_changes``. Older checkpoints without the record are checked on the vocabulary bound only.
+
+    Raises :class:`TokenizerMismatchError` (a ``ValueError``) naming both tokenizers.
+    """
+    vocab_rows = model_vocab_size or int((saved_config.get("model") or {}).get("vocab_size") or 0)
+    if vocab_rows and tokenizer.vocab_size > vocab_rows:
+        raise TokenizerMismatchError(
+            f"{flag} {path}: {tokenizer.vocab_size} token ids, but the model in {checkpoint} has a vocabulary of "
+            f"{vocab_rows}; its ids would index past the embedding table")
+    saved = saved_config.get("tokenizer_identity")
+    if not saved:
+        return None
+    current = tokenizer_identity(tokenizer, path)
+    if current["fingerprint"] == saved.get("fingerprint") and current["vocab_size"] == saved.get("vocab_size"):
+        return None
+
+    def describe(ident: dict[str, Any]) -> str:
+        return f"{ident.get('path')} (vocab {ident.get('vocab_size')}, fingerprint {ident.get('fingerprint')})"
+
+    if not allow_change:
+        raise TokenizerMismatchError(
+            f"{flag}: the tokenizer {describe(current)} differs from the one {checkpoint} was trained with, "
+            f"{describe(saved)}; its token ids would mean other words. Use the checkpoint's tokenizer, or pass "
+            "--allow-tokenizer-change for a deliberate change (it is recorded in the new checkpoints)")
+    import logging
+
+    logging.getLogger("megatron_qrm").warning(
+        f"--allow-tokenizer-change: using {describe(current)} with {checkpoint}, trained with {describe(saved)}")
+    return {"from": saved, "to": current, "checkpoint": os.path.abspath(checkpoint)}

@@ -3,6 +3,9 @@ batch through megatron-core's forward-backward schedule, and reducing metrics ac
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -13,6 +16,10 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_qrm.errors import NonFiniteError
+
+log = logging.getLogger("megatron_qrm")
 
 
 @dataclass
@@ -29,6 +36,36 @@ class OptimConfig:
     clip_grad: float = 1.0  # 0 disables clipping
     use_distributed_optimizer: bool = True
     bf16: bool = False
+
+    def check(self, lr_flag: str = "--lr") -> None:
+        """Raise ``ValueError`` naming the flag of the first value torch's Adam would reject or overflow on.
+
+        Runs before any model is built. Adam's step size is ``lr / (1 - beta1)`` in fp32: a finite ``lr``
+        above ~3.4e37 overflows it (``value cannot be converted to type float without overflow``).
+        """
+        fp32_max = 3.4028234663852886e38
+
+        def bad(flag: str, value, why: str) -> None:
+            raise ValueError(f"{flag} {value}: {why}")
+
+        for flag, value in ((lr_flag, self.lr), ("--min-lr", self.min_lr), ("--weight-decay", self.weight_decay),
+                            ("--clip-grad", self.clip_grad)):
+            if not math.isfinite(value) or value < 0:
+                bad(flag, value, "must be a finite number >= 0")
+        for flag, value in (("--adam-beta1", self.adam_beta1), ("--adam-beta2", self.adam_beta2)):
+            if not 0.0 <= value < 1.0:
+                bad(flag, value, "must be in [0, 1)")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            bad("--adam-eps", self.adam_eps, "must be a finite number > 0")
+        if self.lr / (1.0 - self.adam_beta1) >= fp32_max:
+            bad(lr_flag, self.lr, f"Adam's step size lr / (1 - beta1) = {self.lr / (1.0 - self.adam_beta1):.3g} "
+                                  "overflows float32")
+        if self.min_lr > self.lr:
+            bad("--min-lr", self.min_lr, f"is above {lr_flag} {self.lr}")
+        if self.lr_warmup_iters < 0:
+            bad("--lr-warmup-iters", self.lr_warmup_iters, "must be >= 0")
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
+            bad("--lr-decay-iters", self.lr_decay_iters, "must be positive")
 
 
 def wrap_ddp(model: torch.nn.Module, opt: OptimConfig) -> DistributedDataParallel:
@@ -117,3 +154,96 @@ def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not torch.cuda.is_available():
         return batch
     return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+#: test hook: comma-separated optimizer-step numbers (1-based, as logged) whose gradients are replaced by
+#: NaN after the backward pass, to exercise the guard without an unstable model (tests/test_reliability.py)
+FAULT_NONFINITE_ENV = "QRM_FAULT_NONFINITE_STEPS"
+
+
+def _fault_steps() -> set[int]:
+    raw = os.environ.get(FAULT_NONFINITE_ENV, "")
+    return {int(x) for x in raw.split(",") if x.strip()}
+
+
+def grad_buffers(ddp) -> list[torch.Tensor]:
+    """The contiguous gradient buffers of a megatron DDP model (every ``param.main_grad`` is a view)."""
+    return [b.grad_data for b in list(getattr(ddp, "buffers", [])) + list(getattr(ddp, "expert_parallel_buffers", []))]
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so every rank takes the same decision)."""
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        moved = t.to(dev)
+        dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+        t = moved.cpu()
+    return bool(t.item() > 0)
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss or gradients are not finite, and stops a run that keeps producing them.
+
+    megatron-core checks ``found_inf`` only when it has a loss scaler (fp16); in fp32 and bf16 its
+    optimizer applies NaN/Inf gradients, after which every weight is NaN. :meth:`allow_step` runs between
+    backward and ``optimizer.step()``: with a non-finite loss (summed over the global batch) or any
+    non-finite gradient on any rank, it returns False on every rank (the caller skips the update and the
+    scheduler step, as megatron does on ``found_inf``) and logs the step; ``max_consecutive`` skipped
+    steps in a row raise :class:`~megatron_qrm.errors.NonFiniteError` naming the first of them.
+    :meth:`after_step` warns once when the gradient norm has been exactly 0 for ``collapse_steps`` steps
+    (the model has collapsed: e.g. saturated scores after a learning rate far too large).
+    """
+
+    def __init__(self, max_consecutive: int = 3, collapse_steps: int = 20, what: str = "step",
+                 fault_offset: int = 0) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"--max-nonfinite-steps {max_consecutive}: must be at least 1")
+        self.max_consecutive = max_consecutive
+        self.collapse_steps = collapse_steps
+        self.what = what
+        self.consecutive = 0
+        self.first_bad: Optional[int] = None
+        self.skipped_total = 0
+        self.zero_norm_run = 0
+        self._collapse_warned = False
+        self._faults = _fault_steps()
+        self._fault_offset = fault_offset
+
+    def allow_step(self, step: int, loss: float, ddp, label: str = "") -> bool:
+        """``step``: the number this optimizer step is logged under; ``loss``: the global-batch loss (any
+        rank's copy: it is the same everywhere). Collective (every rank calls it)."""
+        if step + self._fault_offset in self._faults:
+            for g in grad_buffers(ddp):
+                g.fill_(float("nan"))
+        grads_ok = all(bool(torch.isfinite(g).all()) for g in grad_buffers(ddp))
+        loss_ok = math.isfinite(loss)
+        if not _any_rank(not (grads_ok and loss_ok)):
+            self.consecutive, self.first_bad = 0, None
+            return True
+        self.consecutive += 1
+        self.skipped_total += 1
+        self.first_bad = step if self.first_bad is None else self.first_bad
+        what = f"{label} " if label else ""
+        reason = f"loss {loss}" if not loss_ok else "gradients contain NaN/Inf"
+        log.warning(f"{self.what} {step}: {what}{reason}: optimizer step skipped "
+                    f"({self.consecutive} in a row, the run stops at {self.max_consecutive})")
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteError(
+                f"{self.what} {step}: {what}loss or gradients not finite for {self.consecutive} optimizer steps "
+                f"in a row since {self.what} {self.first_bad} ({reason}); stopping without saving (the last "
+                f"checkpoint is untouched). Lower --lr, or raise --max-nonfinite-steps to tolerate more")
+        return False
+
+    def after_step(self, step: int, grad_norm) -> None:
+        """Track exact-zero gradient norms (a collapsed model) after an applied step."""
+        if grad_norm is None:
+            return
+        g = float(grad_norm)
+        self.zero_norm_run = self.zero_norm_run + 1 if g == 0.0 else 0
+        if self.zero_norm_run >= self.collapse_steps and not self._collapse_warned:
+            self._collapse_warned = True
+            log.warning(f"{self.what} {step}: the gradient norm has been exactly 0 for {self.zero_norm_run} steps "
+                        "in a row: the model has collapsed (saturated outputs, e.g. after a learning rate far "
+                        "too large) and is no longer learning")

@@ -1,5 +1,10 @@
 """The training loop every supervised trainer shares (reward models, SFT): global batches through
-megatron-core's schedule, one optimizer step each, metrics, checkpoints, exit interval."""
+megatron-core's schedule, one optimizer step each, metrics, checkpoints, exit interval.
+
+A step whose loss or gradients are not finite is skipped (no optimizer or scheduler step; logged with
+``skipped: 1``); ``max_nonfinite_steps`` of them in a row stop the run with
+:class:`~megatron_qrm.errors.NonFiniteError` before anything is saved (see
+:class:`~megatron_qrm.training.engine.NonFiniteGuard`)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
-from megatron_qrm.training.engine import reduce_metric_sums, run_global_batch
+from megatron_qrm.training.engine import NonFiniteGuard, reduce_metric_sums, run_global_batch
 from megatron_qrm.training.metrics_log import MetricsLogger
 
 
@@ -22,6 +27,8 @@ class LoopConfig:
     log_interval: int = 1
     save_interval: Optional[int] = None
     exit_interval: Optional[int] = None
+    max_nonfinite_steps: int = 3  # skipped non-finite steps in a row before the run stops
+    loss_name: str = "loss_sum"  # the metric sum whose finiteness decides (with the gradients) a step
 
 
 def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.TrainState,
@@ -34,6 +41,7 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
     optimizer step. Saves at ``save_interval``, at ``exit_interval`` (then returns) and at the end."""
     last: dict[str, float] = {}
     saved_at = state.iteration
+    guard = NonFiniteGuard(cfg.max_nonfinite_steps, what="iteration")
     ddp.train()
     while state.iteration < cfg.train_iters:
         t0 = time.time()
@@ -41,11 +49,14 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         sums = reduce_metric_sums(run_global_batch(ddp, forward_step, micro, forward_only=False), metric_names)
-        if sums[count_name] > 0:
+        skipped = 0.0
+        if sums[count_name] > 0 and guard.allow_step(state.iteration + 1, sums[cfg.loss_name], ddp):
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=1)
+            guard.after_step(state.iteration + 1, grad_norm)
         else:
             grad_norm = 0.0
+            skipped = float(sums[count_name] > 0)
         state.iteration += 1
         state.consumed_samples += cfg.global_batch_size
         elapsed = time.time() - t0
@@ -53,7 +64,7 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
         parallel.all_reduce_host(tokens, group=ps.get_data_parallel_group())
         last = dict(summarize(sums), grad_norm=float(grad_norm or 0.0),
                     lr=float(optimizer.param_groups[0]["lr"]), tokens_per_s=float(tokens) / max(elapsed, 1e-9),
-                    step_time_s=elapsed, epoch=epoch_of(state.consumed_samples))
+                    step_time_s=elapsed, epoch=epoch_of(state.consumed_samples), skipped=skipped)
         if state.iteration % cfg.log_interval == 0 or state.iteration == cfg.train_iters:
             logger.log(state.iteration, last)
         stop = bool(cfg.exit_interval) and state.iteration % cfg.exit_interval == 0

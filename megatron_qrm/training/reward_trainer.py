@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
+from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
 from megatron_qrm.models.lora import is_lora_param
@@ -65,10 +66,16 @@ class RewardTrainConfig:
     recompute_num_layers: int = 1
     skip_memory_check: bool = False
     exit_interval: Optional[int] = None  # stop (after saving) at this iteration: for tests/preemption
+    max_nonfinite_steps: int = 3  # skipped non-finite optimizer steps in a row before the run stops
+    allow_tokenizer_change: bool = False  # accept a tokenizer other than the checkpoint's (recorded)
 
 
-def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer_path: str) -> dict[str, Any]:
+def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer_path: str,
+                       tokenizer=None, saved: Optional[dict] = None, tokenizer_change: Optional[dict] = None
+                       ) -> dict[str, Any]:
     return {
+        # what the tokenizer was (checked by every later reader) and every deliberate change of it
+        **checkpointing.tokenizer_record(tokenizer, tokenizer_path, saved, tokenizer_change),
         "kind": "reward_model",
         "role": cfg.loss.role,
         "model": model_cfg.to_dict(),
@@ -86,9 +93,11 @@ def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer
 def resolve_model_and_tokenizer(cfg: RewardTrainConfig) -> tuple[ModelConfig, str, Optional[dict]]:
     """Model config and tokenizer: explicit flags, else from the checkpoint being loaded."""
     saved = None
-    for path in (cfg.load, cfg.pretrained_checkpoint):
+    for flag, path in (("--load", cfg.load), ("--pretrained-checkpoint", cfg.pretrained_checkpoint)):
         if path and checkpointing.resolve_checkpoint(path):
             saved = checkpointing.read_config(path)
+            if cfg.model is not None:  # size flags that contradict the checkpoint: fail before any model
+                checkpointing.check_size_flags(cfg.model, saved, f"{flag} {path}")
             break
     model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
     if model_cfg is None:
@@ -167,6 +176,7 @@ def _check_checkpoint_flags(cfg: RewardTrainConfig) -> None:
 
 
 def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
+    cfg.optim.check()
     _check_checkpoint_flags(cfg)
     # ---- parallel state ----
     parallel.initialize(cfg.parallel)
@@ -183,7 +193,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=rank0, tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
                            total_steps=cfg.train_iters, start_step=start_step,
-                           desc=f"train-rm ({cfg.loss.kind})",
+                           desc=f"train-rm ({cfg.loss.kind})", supersede_after_start=True,
                            run_config={"model": model_cfg.to_dict(), "loss": dataclasses.asdict(cfg.loss)})
 
     # ---- tokenizer and data ----
@@ -193,6 +203,11 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary is {model_cfg.vocab_size} (--vocab-size)")
+    tokenizer_change = None
+    if saved:
+        tokenizer_change = check_tokenizer_identity(
+            saved, tokenizer, tokenizer_path, checkpoint=cfg.load if resuming else cfg.pretrained_checkpoint,
+            model_vocab_size=model_cfg.vocab_size, allow_change=cfg.allow_tokenizer_change)
     dataset = PreferenceDataset(cfg.data, tokenizer)
     logger.message(f"data {cfg.data.path}: {dataset.stats}")
     if len(dataset) == 0:
@@ -201,6 +216,11 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     dp_rank, dp_size = _dp_info()
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
+
+    # ---- pre-flight: --save / --log-dir writable, room for one checkpoint (before any model is built) ----
+    checkpointing.preflight_save_dir(cfg.save, "--save", checkpointing.estimate_checkpoint_bytes(
+        model_cfg, cfg.loss.role, lora_rank=cfg.lora.rank, bf16=cfg.optim.bf16))
+    checkpointing.preflight_save_dir(cfg.log_dir, "--log-dir")
 
     # ---- memory plan (refuses on a GPU when it cannot fit, unless --skip-memory-check), model, DDP, optimizer ----
     seqs_per_pair = 2 if cfg.loss.role == "policy" else 1  # DPO-RM: an LM over both sequences of a pair
@@ -242,7 +262,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     if cfg.loss.kind == "dpo" and ref_sums is None and not (resume_dir and not ps.is_pipeline_last_stage()):
         ref_sums = compute_reference_logps(ddp, dataset, cfg.micro_batch_size, tokenizer.pad_id, pad_multiple, logger)
 
-    ckpt_config = _checkpoint_config(cfg, model_cfg, tokenizer_path)
+    ckpt_config = _checkpoint_config(cfg, model_cfg, tokenizer_path, tokenizer, saved, tokenizer_change)
+    logger.start_step = state.iteration
 
     def save() -> None:
         if cfg.save:
@@ -264,7 +285,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
 
     # a global batch without a valid pair takes no optimizer step (as the reference)
     last = fit(ddp, optimizer, scheduler, cfg=LoopConfig(cfg.train_iters, cfg.global_batch_size, cfg.log_interval,
-                                                          cfg.save_interval, cfg.exit_interval),
+                                                          cfg.save_interval, cfg.exit_interval,
+                                                          max_nonfinite_steps=cfg.max_nonfinite_steps),
                state=state, microbatches=microbatches, forward_step=train_forward_step(cfg.loss),
                metric_names=METRIC_NAMES, count_name="num_valid", summarize=summarize, save=save, logger=logger,
                epoch_of=sampler.epoch_of)

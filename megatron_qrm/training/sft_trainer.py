@@ -15,7 +15,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
-from megatron_qrm.data import load_tokenizer, pad_multiple_for
+from megatron_qrm.data import check_tokenizer_identity, load_tokenizer, pad_multiple_for
 from megatron_qrm.data.packing import packed_seq_params, unpack
 from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
@@ -58,6 +58,8 @@ class SFTTrainConfig:
     recompute_num_layers: int = 1
     skip_memory_check: bool = False
     exit_interval: Optional[int] = None
+    max_nonfinite_steps: int = 3  # skipped non-finite optimizer steps in a row before the run stops
+    allow_tokenizer_change: bool = False  # accept a tokenizer other than the checkpoint's (recorded)
 
 
 def sft_forward_step(data_iterator, model):
@@ -79,11 +81,14 @@ def sft_forward_step(data_iterator, model):
 
 
 def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
+    cfg.optim.check()
     parallel.initialize(cfg.parallel)
-    saved = None
-    for path in (cfg.load, cfg.pretrained_checkpoint):
+    saved = saved_from = None
+    for flag, path in (("--load", cfg.load), ("--pretrained-checkpoint", cfg.pretrained_checkpoint)):
         if path and checkpointing.resolve_checkpoint(path):
-            saved = checkpointing.read_config(path)
+            saved, saved_from = checkpointing.read_config(path), path
+            if cfg.model is not None:  # size flags that contradict the checkpoint: fail before any model
+                checkpointing.check_size_flags(cfg.model, saved, f"{flag} {path}")
             break
     model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
     if model_cfg is None:
@@ -98,10 +103,16 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
                          f"is {model_cfg.vocab_size} (--vocab-size)")
+    tokenizer_change = None
+    if saved:
+        tokenizer_change = check_tokenizer_identity(saved, tokenizer, tokenizer_path, checkpoint=saved_from,
+                                                    model_vocab_size=model_cfg.vocab_size,
+                                                    allow_change=cfg.allow_tokenizer_change)
     check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=parallel.is_rank0(), tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
-                           total_steps=cfg.train_iters, desc="train-sft", run_config={"model": model_cfg.to_dict()})
+                           total_steps=cfg.train_iters, desc="train-sft", run_config={"model": model_cfg.to_dict()},
+                           supersede_after_start=True)
     dataset = SFTDataset(cfg.data, tokenizer)
     logger.message(f"data {cfg.data.path}: {dataset.stats}")
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -109,6 +120,10 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
     pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
 
+    # pre-flight: --save / --log-dir writable, room for one checkpoint (before any model is built)
+    checkpointing.preflight_save_dir(cfg.save, "--save", checkpointing.estimate_checkpoint_bytes(
+        model_cfg, "policy", lora_rank=cfg.lora.rank, bf16=cfg.optim.bf16))
+    checkpointing.preflight_save_dir(cfg.log_dir, "--log-dir")
     check_fits(model_cfg, "policy", tensor_parallel=cfg.parallel.tensor_model_parallel_size,
                pipeline_parallel=cfg.parallel.pipeline_model_parallel_size, world_size=dist.get_world_size(),
                micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
@@ -140,7 +155,8 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     ckpt_config = {"kind": "policy", "role": "policy", "model": model_cfg.to_dict(),
                    "tokenizer": os.path.abspath(tokenizer_path) if os.path.exists(tokenizer_path) else tokenizer_path,
                    "lora": dataclasses.asdict(cfg.lora), "chat_template": cfg.data.chat_template,
-                   "seq_length": cfg.data.seq_length}
+                   "seq_length": cfg.data.seq_length,
+                   **checkpointing.tokenizer_record(tokenizer, tokenizer_path, saved, tokenizer_change)}
 
     def save() -> None:
         if cfg.save:
@@ -161,7 +177,8 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
 
     logger.start_step = state.iteration
     last = fit(ddp, optimizer, scheduler, cfg=LoopConfig(cfg.train_iters, cfg.global_batch_size, cfg.log_interval,
-                                                          cfg.save_interval, cfg.exit_interval),
+                                                          cfg.save_interval, cfg.exit_interval,
+                                                          max_nonfinite_steps=cfg.max_nonfinite_steps),
                state=state, microbatches=microbatches, forward_step=sft_forward_step, metric_names=METRICS,
                count_name="tokens", summarize=summarize, save=save, logger=logger, epoch_of=sampler.epoch_of)
     logger.close()
