@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_make_pairs_parser(sub)
     add_demo_parser(sub)
+    from megatron_qrm.serving.cli import add_serve_parser
+
+    add_serve_parser(sub)
     return parser
 
 
