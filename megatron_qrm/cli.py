@@ -21,6 +21,7 @@ from megatron_qrm.arguments import (
     add_data_args,
     add_logging_args,
     add_training_args,
+    add_packing_args,
     add_lora_args,
     add_memory_args,
     add_checkpoint_args,
@@ -46,6 +47,7 @@ def build_train_rm_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--qrm-gamma", type=float, default=2.0)
     g.add_argument("--dpo-beta", type=float, default=0.1)
     add_training_args(p, unit="preference pairs")
+    add_packing_args(p)
     add_lora_args(p)
     add_memory_args(p)
     add_checkpoint_args(p)
@@ -70,7 +72,8 @@ def _common_run_fields(args) -> dict:
         wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, transformer_impl=args.transformer_impl,
         recompute_granularity=args.recompute_granularity, recompute_num_layers=args.recompute_num_layers,
         skip_memory_check=args.skip_memory_check, max_nonfinite_steps=args.max_nonfinite_steps,
-        allow_tokenizer_change=args.allow_tokenizer_change)
+        allow_tokenizer_change=args.allow_tokenizer_change,
+        pack_sequences=not args.no_pack_sequences, pack_tokens=args.pack_tokens, group_by_length=args.group_by_length)
 
 
 def run_train_rm(args) -> int:
@@ -109,6 +112,7 @@ def build_train_sft_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--data-split", default="train")
     g.add_argument("--max-examples", type=int)
     add_training_args(p, unit="examples")
+    add_packing_args(p)
     add_lora_args(p)
     add_memory_args(p)
     add_checkpoint_args(p)

@@ -194,6 +194,49 @@ class RetokenizedBatch:
         return rm_values.gather(1, self.index.to(rm_values.device)) * self.valid.to(rm_values.device)
 
 
+def covering_tokens(actor_ends: list[list[int]], rm_ends: list[list[int]],
+                    by_char: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each token of one tokenization (the actor's), the token of another (the reward model's) that
+    covers its last character, both spelling the same text.
+
+    ``actor_ends[i]`` / ``rm_ends[i]``: where each token of row ``i`` ends in that text, in characters when
+    ``by_char[i]`` (the two spell it exactly), else in non-whitespace characters (see
+    :func:`token_text_ends`). By non-whitespace characters a whitespace-only actor token takes the token of
+    the next character; by characters an actor token that adds none (it completes a character split over
+    byte tokens) takes the reward-model token that completes that character. Past the last reward-model
+    token (a cut response) the last one is taken.
+
+    Returns ``j`` [N, max(1, max len(actor_ends[i]))] (long): the reward-model token index of each actor
+    token (0 past a row's end, and where the row has no reward-model token), and ``a_len`` [N]: the number
+    of actor tokens per row.
+    """
+    n = len(actor_ends)
+    ra = max([len(e) for e in actor_ends] + [1])
+    rb = max([len(e) for e in rm_ends] + [1])
+    big = np.iinfo(np.int64).max // 4
+    a = torch.zeros(n, ra, dtype=torch.long)
+    a_len = torch.tensor([len(e) for e in actor_ends], dtype=torch.long)
+    b = torch.full((n, rb), big, dtype=torch.long)
+    for i in range(n):
+        if actor_ends[i]:
+            a[i, :len(actor_ends[i])] = torch.as_tensor(actor_ends[i])
+        if rm_ends[i]:
+            b[i, :len(rm_ends[i])] = torch.as_tensor(rm_ends[i])
+    prev = torch.cat([torch.zeros(n, 1, dtype=torch.long), a[:, :-1]], dim=1)
+    char_rows = torch.tensor(list(by_char), dtype=torch.bool)[:, None]
+    empty = a == prev  # the token adds no (non-whitespace) character
+    # its last character; by non-whitespace characters a whitespace-only token takes the next character's
+    target = torch.where(empty & ~char_rows, a, (a - 1).clamp(min=0))
+    kept = torch.tensor([len(e) for e in rm_ends], dtype=torch.long)
+    last = (kept - 1).clamp(min=0)[:, None]
+    j = torch.minimum(torch.searchsorted(b, target, right=True), last)
+    # by characters, a token that adds none completes a character split over byte tokens: it takes the
+    # reward model's token that completes that character (the last one ending there)
+    j_end = torch.searchsorted(b, b.gather(1, j), right=True) - 1
+    j = torch.where(empty & char_rows, torch.minimum(torch.maximum(j, j_end), last), j)
+    return j, a_len
+
+
 def retokenize_for_reward(exp: dict[str, torch.Tensor], actor_tok, rm_tok, rm_prompts: list[list[int]],
                           max_length: int, window: int = RETOKENIZE_CONTEXT) -> RetokenizedBatch:
     """Map a rollout to a reward model's tokenizer (``--allow-retokenize``).
@@ -247,30 +290,9 @@ def retokenize_for_reward(exp: dict[str, torch.Tensor], actor_tok, rm_tok, rm_pr
         rm_tokens[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
         rm_mask[i, rm_plens[i]:len(s)] = 1.0
 
-    # actor token k -> the first kept RM token whose (non-whitespace) end lies past the actor token's last char
-    ra = max([len(e) for e in actor_ends] + [1])
-    rb = max([len(e) for e in rm_ends] + [1])
-    big = np.iinfo(np.int64).max // 4
-    a = torch.zeros(n, ra, dtype=torch.long)
-    a_len = torch.tensor([len(e) for e in actor_ends])
-    b = torch.full((n, rb), big, dtype=torch.long)
-    for i in range(n):
-        if actor_ends[i]:
-            a[i, :len(actor_ends[i])] = torch.as_tensor(actor_ends[i])
-        if kept_text[i]:
-            b[i, :kept_text[i]] = torch.as_tensor(rm_ends[i][:kept_text[i]])
-    prev = torch.cat([torch.zeros(n, 1, dtype=torch.long), a[:, :-1]], dim=1)
-    char_rows = torch.tensor(by_char)[:, None]
-    empty = a == prev  # the token adds no (non-whitespace) character
-    # its last character; by non-whitespace characters a whitespace-only token takes the next character's
-    target = torch.where(empty & ~char_rows, a, (a - 1).clamp(min=0))
+    j, a_len = covering_tokens(actor_ends, [rm_ends[i][:kept_text[i]] for i in range(n)], by_char)
+    ra = j.shape[1]
     kept = torch.tensor(kept_text)
-    last = (kept - 1).clamp(min=0)[:, None]
-    j = torch.minimum(torch.searchsorted(b, target, right=True), last)
-    # by characters, a token that adds none completes a character split over byte tokens: it takes the
-    # reward model's token that completes that character (the last one ending there)
-    j_end = torch.searchsorted(b, b.gather(1, j), right=True) - 1
-    j = torch.where(empty & char_rows, torch.minimum(torch.maximum(j, j_end), last), j)
     plen_rm = torch.tensor(rm_plens)
     rm_pos = plen_rm[:, None] + j  # [N, ra]
     has_text = (kept > 0)[:, None]

@@ -87,6 +87,8 @@ class ScoreRequest(BaseModel):
     items: list[ScoreItem] = Field(min_length=1)
     standardize: StrictBool = False
     truncate: StrictBool = False
+    #: the prompts are already rendered (e.g. by the policy's chat template): use them as they are
+    prompts_rendered: StrictBool = False
 
 
 class RewardRequest(BaseModel):
@@ -215,7 +217,8 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
                 fields.append(f"items[{i}].messages")
             else:
                 try:
-                    prompts.append(encoder.render_instruction(item.prompt))
+                    prompts.append(encoder.rendered_text(item.prompt) if req.prompts_rendered
+                                   else encoder.render_instruction(item.prompt))
                 except ValueError as err:
                     raise ApiError(422, f"items[{i}].prompt", str(err)) from None
                 responses.append(item.response)
