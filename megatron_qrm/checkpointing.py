@@ -425,7 +425,8 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
     """
     ckpt = resolve_checkpoint(load_dir)
     if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint found at {load_dir!r}")
+        raise FileNotFoundError(f"no complete checkpoint at {load_dir} (removed after it was chosen, e.g. pruned "
+                                "by a running trainer's --keep-last? run again to use the newest)")
     model_sd = _model_sharded_state_dict(model)
     if model_key_filter is not None:
         model_sd = {k: v for k, v in model_sd.items() if model_key_filter(k)}

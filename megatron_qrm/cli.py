@@ -147,6 +147,8 @@ def build_eval_rm_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the metrics JSON here (default: SAVE/eval/iter_N_<data>.json)")
     p.add_argument("--dump-token-scores", help="write per-token credits (token text + score) as JSONL")
     p.add_argument("--reference-checkpoint", help="DPO-RM without LoRA: the frozen reference model")
+    p.add_argument("--allow-tokenizer-change", action="store_true",
+                   help="evaluate with a tokenizer other than the checkpoint's")
     p.set_defaults(func=run_eval_rm)
     return p
 
@@ -160,7 +162,8 @@ def run_eval_rm(args) -> int:
                        skip_long_prompts=args.skip_long_prompts, split=args.data_split, max_pairs=args.max_pairs,
                        micro_batch_size=args.micro_batch_size, output=args.output,
                        dump_token_scores=args.dump_token_scores, reference_checkpoint=args.reference_checkpoint,
-                       parallel=parallel_config_from_args(args), bf16=use_bf16(args))
+                       parallel=parallel_config_from_args(args), bf16=use_bf16(args),
+                       allow_tokenizer_change=args.allow_tokenizer_change)
     evaluate_reward_model(cfg)
     return 0
 
@@ -182,6 +185,8 @@ def build_eval_policy_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-prompts", type=int)
     p.add_argument("--chat-template", action="store_true", default=None)
     p.add_argument("--output", help="JSONL of the greedy responses with their judgements")
+    p.add_argument("--allow-tokenizer-change", action="store_true",
+                   help="evaluate with a tokenizer other than the checkpoint's")
     add_parallel_args(p)
     p.set_defaults(func=run_eval_policy)
     return p
@@ -195,7 +200,7 @@ def run_eval_policy(args) -> int:
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
         temperature=args.temperature, top_p=args.top_p, max_prompts=args.max_prompts, output=args.output,
         seed=args.seed, chat_template=args.chat_template, parallel=parallel_config_from_args(args),
-        bf16=use_bf16(args)))
+        bf16=use_bf16(args), allow_tokenizer_change=args.allow_tokenizer_change))
     return 0
 
 

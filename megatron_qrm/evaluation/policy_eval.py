@@ -99,17 +99,20 @@ class PolicyEvalConfig:
     chat_template: Optional[bool] = None
     parallel: "object" = None
     bf16: bool = False
+    allow_tokenizer_change: bool = False
 
 
 def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
     """`qrm eval-policy`: load a policy checkpoint and report Pass@1 (greedy) and Pass@k (sampled)."""
     from megatron_qrm import checkpointing, parallel
     from megatron_qrm.config import ModelConfig, check_parallel_layout
-    from megatron_qrm.data import load_tokenizer
+    from megatron_qrm.data import check_tokenizer_identity, load_tokenizer
     from megatron_qrm.models import PrecisionConfig, build_model
 
     parallel.initialize(cfg.parallel)
-    saved = checkpointing.read_config(cfg.load)
+    # `latest` is resolved ONCE (config, weights and the reported checkpoint agree; see eval-rm)
+    ckpt = checkpointing.resolve_or_fail(cfg.load, "--load")
+    saved = checkpointing.read_config(ckpt)
     if saved.get("role") != "policy":
         raise ValueError(f"--load {cfg.load} is a {saved.get('role')} checkpoint, not a policy")
     model_cfg = ModelConfig.from_dict(saved["model"])
@@ -118,8 +121,9 @@ def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
     if not tok_path:
         raise ValueError("--tokenizer is required: the checkpoint does not record one")
     tokenizer = load_tokenizer(tok_path)
+    check_tokenizer_identity(saved, tokenizer, tok_path, checkpoint=ckpt, allow_change=cfg.allow_tokenizer_change)
     model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.bf16))
-    checkpointing.load_checkpoint(cfg.load, model, load_rng=False, model_key_filter=lambda k: ".lora." not in k)
+    checkpointing.load_checkpoint(ckpt, model, load_rng=False, model_key_filter=lambda k: ".lora." not in k)
     seq_length = cfg.seq_length or saved.get("seq_length", 1024)
     chat = saved.get("chat_template", False) if cfg.chat_template is None else cfg.chat_template
     greedy_dump = cfg.output
@@ -143,7 +147,7 @@ def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
             for r in rows:
                 correct[r["index"]] += int(r[name])
             result[f"pass@{cfg.samples}_{name}"] = float(pass_at_k(np.full(len(ds), cfg.samples), correct, cfg.samples).mean())
-    result.update(task=cfg.task, data=cfg.data, checkpoint=checkpointing.resolve_checkpoint(cfg.load))
+    result.update(task=cfg.task, data=cfg.data, checkpoint=ckpt)
     if dist.get_rank() == 0:
         print(json.dumps(result), flush=True)
     return result

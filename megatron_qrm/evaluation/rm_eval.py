@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
+from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import lora_disabled
 from megatron_qrm.rewards.scoring import RewardLossConfig, reference_logps_forward_step, token_credit_forward_step
@@ -41,6 +42,7 @@ class RMEvalConfig:
     reference_checkpoint: Optional[str] = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     bf16: bool = False
+    allow_tokenizer_change: bool = False
 
 
 def _is_writer() -> bool:
@@ -51,7 +53,10 @@ def _is_writer() -> bool:
 
 def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     parallel.initialize(cfg.parallel)
-    saved = checkpointing.read_config(cfg.load)
+    # `latest` is resolved ONCE: the config, the weights, the report and the output name all come from
+    # this directory even while a trainer writes newer checkpoints into the same --load
+    ckpt = checkpointing.resolve_or_fail(cfg.load, "--load")
+    saved = checkpointing.read_config(ckpt)
     model_cfg = ModelConfig.from_dict(saved["model"])
     check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
     loss_cfg = RewardLossConfig(**saved.get("reward_loss", {}))
@@ -59,6 +64,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     if not tokenizer_path:
         raise ValueError("--tokenizer is required: the checkpoint does not record one")
     tokenizer = load_tokenizer(tokenizer_path)
+    check_tokenizer_identity(saved, tokenizer, tokenizer_path, checkpoint=ckpt, allow_change=cfg.allow_tokenizer_change)
     data_cfg = PreferenceDataConfig(
         path=cfg.data, instruction_field=cfg.instruction_field, chosen_field=cfg.chosen_field,
         rejected_field=cfg.rejected_field,
@@ -69,7 +75,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     if len(dataset) == 0:
         raise ValueError(f"--data {cfg.data}: no usable pairs ({dataset.stats})")
 
-    model, reference = load_reward_models(cfg.load, saved, model_cfg, loss_cfg, cfg.parallel, cfg.bf16,
+    model, reference = load_reward_models(ckpt, saved, model_cfg, loss_cfg, cfg.parallel, cfg.bf16,
                                           cfg.reference_checkpoint)
 
     pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
@@ -125,7 +131,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
             "truncated_pairs": dataset.stats.get("truncated", 0),
             "skipped_pairs": dataset.stats.get("skipped_long_prompt", 0),
             "reward_loss": loss_cfg.kind,
-            "checkpoint": checkpointing.resolve_checkpoint(cfg.load),
+            "checkpoint": ckpt,
             "data": cfg.data,
         }
         if cfg.dump_token_scores:

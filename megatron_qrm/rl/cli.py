@@ -54,12 +54,16 @@ def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
                        help="full: KL of the full next-token distributions (vocab-parallel)")
         g.add_argument("--clip-eps", type=float, default=0.2)
         g.add_argument("--value-coef", type=float, default=0.01, help="qrm-reference advantage only")
+        g.add_argument("--value-clip", type=float,
+                       help="PPO value clipping range around the rollout-time values (default: none, as the reference)")
         g.add_argument("--gamma", type=float, default=0.9)
         g.add_argument("--lam", type=float, default=0.8)
         g.add_argument("--critic-lr", type=float, default=1e-5)
     g.add_argument("--entropy-coef", type=float, default=0.0)
     g.add_argument("--eos-rescore", action="store_true", help="REINFORCE: the reference's EOS re-scoring")
-    g.add_argument("--no-reward-centering", action="store_true", help="REINFORCE: Z/sigma as the reference (no mean)")
+    g.add_argument("--no-reward-centering", action="store_true",
+                   help="REINFORCE as the reference: Q-RM Z/sigma, ORM the broadcast reward / sigma over tokens "
+                        "(no mean subtracted; default standardises, see docs/rl.md)")
     g = p.add_argument_group("training")
     g.add_argument("--train-iters", type=int, required=True, help="RL iterations (rollout + update)")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout")
@@ -69,6 +73,9 @@ def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=5e-6 if algo == "ppo" else 1e-6)
     g.add_argument("--clip-grad", type=float, default=0.0)
     g.add_argument("--weight-decay", type=float, default=0.0)
+    from megatron_qrm.arguments import add_failure_args
+
+    add_failure_args(g)
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-data", help="test prompts with `label` for Pass@1 after iterations")
     g.add_argument("--task", help="answer checker: gsm8k | math | a registered task")
@@ -121,7 +128,9 @@ def run_rl(args, algo: str) -> int:
         task=args.task, save_interval=args.save_interval, log_dir=args.log_dir, tensorboard=not args.no_tensorboard,
         wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, offload=args.offload,
         allow_retokenize=args.allow_retokenize, exit_interval=args.exit_interval, bf16=bf16,
-        transformer_impl=args.transformer_impl,
+        transformer_impl=args.transformer_impl, local_attention=getattr(args, "local_attention", "auto"),
+        value_clip=getattr(args, "value_clip", None),
+        max_nonfinite_steps=args.max_nonfinite_steps, allow_tokenizer_change=args.allow_tokenizer_change,
     )
     if ppo is False:
         cfg.kl_coef = 0.0  # REINFORCE (as the paper's): no reference model, no critic

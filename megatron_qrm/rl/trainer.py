@@ -50,7 +50,17 @@ from megatron_qrm.rl.experience import (
 )
 from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
 from megatron_qrm.rl.rollout import Rollout, SamplingConfig, generate
-from megatron_qrm.training.engine import OptimConfig, build_optimizer, reduce_metric_sums, run_global_batch, to_device, wrap_ddp
+from megatron_qrm.data.tokenizer import check_tokenizer_identity
+from megatron_qrm.errors import NonFiniteError
+from megatron_qrm.training.engine import (
+    NonFiniteGuard,
+    OptimConfig,
+    build_optimizer,
+    reduce_metric_sums,
+    run_global_batch,
+    to_device,
+    wrap_ddp,
+)
 from megatron_qrm.training.metrics_log import MetricsLogger
 
 log = logging.getLogger("megatron_qrm")
@@ -106,6 +116,9 @@ class RLConfig:
     exit_interval: Optional[int] = None
     bf16: bool = False
     transformer_impl: str = "auto"
+    local_attention: str = "auto"  # local spec core attention: sdpa | unfused
+    max_nonfinite_steps: int = 3  # skipped non-finite update steps in a row before the run stops
+    allow_tokenizer_change: bool = False
 
 
 # ----------------------------------------------------------------------------- roles
@@ -143,7 +156,7 @@ def build_roles(cfg: RLConfig, actor_cfg: dict, rm_cfg: dict) -> Roles:
     model_cfg = ModelConfig.from_dict(actor_cfg["model"])
     prec = PrecisionConfig(bf16=cfg.bf16)
     kw = dict(precision=prec, sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
-              seed=cfg.parallel.seed)
+              seed=cfg.parallel.seed, local_attention=cfg.local_attention)
 
     actor = build_model(model_cfg, "policy", **kw)
     actor_ddp = wrap_ddp(actor, cfg.actor_optim)
@@ -241,6 +254,10 @@ class RLTrainer:
     def __init__(self, cfg: RLConfig, reward_fn: Optional[RewardFn] = None, reward_kind: str = "qrm"):
         self.cfg = cfg
         self.reward_fn = reward_fn
+        cfg.actor_optim.check()
+        cfg.critic_optim.check("--critic-lr")
+        if cfg.value_clip is not None and not (cfg.value_clip > 0):
+            raise ValueError(f"--value-clip {cfg.value_clip}: must be positive")
         parallel.initialize(cfg.parallel)
         resume_dir = checkpointing.resolve_checkpoint(os.path.join(cfg.load, "actor")) if cfg.load else None
         if cfg.load and resume_dir is None and cfg.load != cfg.save:
@@ -250,6 +267,12 @@ class RLTrainer:
             cfg.load = None
             if not cfg.actor:
                 raise ValueError("--actor-checkpoint (the initial policy) is required")
+        # every checkpoint named by a flag is resolved ONCE: what is loaded, checked and recorded is the
+        # same directory even while another run writes a newer `latest` there
+        if cfg.actor:
+            cfg.actor = checkpointing.resolve_or_fail(cfg.actor, "--actor-checkpoint")
+        if reward_fn is None and cfg.reward_model:
+            cfg.reward_model = checkpointing.resolve_or_fail(cfg.reward_model, "--reward-model")
         actor_src = resume_dir or cfg.actor
         actor_cfg = _read(actor_src, "--actor-checkpoint")
         if resume_dir and not cfg.actor:  # the reference (and an actor-initialised critic) start from it
@@ -272,10 +295,18 @@ class RLTrainer:
             raise ValueError("--tokenizer is required: the actor checkpoint does not record one")
         self.tokenizer = load_tokenizer(tok_path)
         self.tokenizer_path = tok_path
+        self.tokenizer_change = check_tokenizer_identity(actor_cfg, self.tokenizer, tok_path, checkpoint=actor_src,
+                                                         allow_change=cfg.allow_tokenizer_change)
         rm_tok = (rm_cfg or {}).get("tokenizer")
+        if rm_cfg is not None and not (rm_tok and os.path.abspath(rm_tok) != os.path.abspath(tok_path)):
+            # the reward model reads the actor's tokens: they must be the ids it was trained on
+            check_tokenizer_identity(rm_cfg, self.tokenizer, tok_path, checkpoint=cfg.reward_model,
+                                     flag="--tokenizer (for --reward-model)", allow_change=cfg.allow_tokenizer_change)
         self.rm_tokenizer = None  # set when responses must be re-tokenised for the reward model
         if rm_tok and os.path.abspath(rm_tok) != os.path.abspath(tok_path):
             other = load_tokenizer(rm_tok)
+            check_tokenizer_identity(rm_cfg, other, rm_tok, checkpoint=cfg.reward_model,
+                                     flag="the reward model's recorded tokenizer", allow_change=cfg.allow_tokenizer_change)
             if not _probe_tokenizers_match(self.tokenizer, other):
                 if not cfg.allow_retokenize:
                     raise ValueError(f"the reward model's tokenizer ({rm_tok}) differs from the actor's ({tok_path}); "
@@ -314,6 +345,12 @@ class RLTrainer:
         self.sampler = GlobalBatchSampler(len(self.prompts), cfg.rollout_batch_size,
                                           cfg.rollout_batch_size // self.dp_size, self.dp_rank, self.dp_size,
                                           seed=cfg.parallel.seed)
+        # pre-flight: --save / --log-dir writable, room for one actor (+ critic) checkpoint, before any model
+        need = checkpointing.estimate_checkpoint_bytes(self.model_cfg, "policy", bf16=cfg.bf16)
+        if cfg.algo == "ppo":
+            need += checkpointing.estimate_checkpoint_bytes(self.model_cfg, "critic", bf16=cfg.bf16)
+        checkpointing.preflight_save_dir(cfg.save, "--save", need)
+        checkpointing.preflight_save_dir(cfg.log_dir, "--log-dir")
         self.roles = build_roles(cfg, actor_cfg, rm_cfg)
         self.state = checkpointing.TrainState()
         if resume_dir:
@@ -324,11 +361,16 @@ class RLTrainer:
                             "lora": dataclasses.asdict(LoRAConfig()), "rl": {"algo": cfg.algo, "advantage": cfg.advantage,
                                                                             "reward_model": cfg.reward_model,
                                                                             "reward_kind": self.rm_kind,
-                                                                            "initial_actor": os.path.abspath(cfg.actor)}}
+                                                                            "initial_actor": os.path.abspath(cfg.actor)},
+                            **checkpointing.tokenizer_record(self.tokenizer, tok_path, actor_cfg, self.tokenizer_change)}
         self.logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=parallel.is_rank0(), tensorboard=cfg.tensorboard,
                                     wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
                                     total_steps=cfg.train_iters, start_step=self.state.iteration,
-                                    desc=f"train-{cfg.algo} ({self.rm_kind})")
+                                    desc=f"train-{cfg.algo} ({self.rm_kind})", supersede_after_start=True)
+        self.guards = {"actor": NonFiniteGuard(cfg.max_nonfinite_steps, what="iteration"),
+                       "critic": NonFiniteGuard(cfg.max_nonfinite_steps, what="iteration")}
+        if reward_fn is None:
+            self.logger.message(f"actor {actor_src}, reward model {cfg.reward_model}")
         self.logger.message(f"{cfg.algo}: reward={self.rm_kind} advantage={cfg.advantage} prompts={len(self.prompts)} "
                             f"({self.prompts.stats}) rollout={cfg.rollout_batch_size}x{cfg.samples_per_prompt}"
                             + (" (reward model scores re-tokenised responses)" if self.rm_tokenizer is not None else ""))
@@ -369,9 +411,17 @@ class RLTrainer:
         parts = []
         for c in range(0, len(prompts), cfg.generation_batch_size):
             seed = (cfg.parallel.seed * 1_000_003 + self.state.iteration * 10_007 + self.dp_rank * 101 + c) % (2**31)
-            parts.append(generate(self.roles.actor.module, prompts[c:c + cfg.generation_batch_size], cfg.sampling,
-                                  eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                                  vocab_size=self.tokenizer.vocab_size, max_length=cfg.prompts.seq_length, seed=seed))
+            try:
+                parts.append(generate(self.roles.actor.module, prompts[c:c + cfg.generation_batch_size], cfg.sampling,
+                                      eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                                      vocab_size=self.tokenizer.vocab_size, max_length=cfg.prompts.seq_length,
+                                      seed=seed))
+            except RuntimeError as e:  # torch.multinomial on NaN/Inf probabilities
+                if "probability tensor" not in str(e):
+                    raise
+                raise NonFiniteError(f"iteration {self.state.iteration + 1}: the actor's next-token distribution is "
+                                     "not finite while sampling (its weights diverged in an earlier update); "
+                                     "stopping before any update (the last checkpoint is untouched). Lower --lr") from None
         exp = _merge_rollouts(parts, self.tokenizer.pad_id)
         exp["prompt_index"] = torch.as_tensor(indices)
         return exp
@@ -463,7 +513,10 @@ class RLTrainer:
             if self.rm_kind == "qrm":
                 returns = adv.reinforce_returns_qrm(rewards, gmask, center=cfg.reinforce_center, eos_rescore=cfg.eos_rescore)
             elif self.rm_kind == "orm":
-                returns = adv.reinforce_returns_orm(seq, gmask)
+                # centred (R - mean) / std over sequences; --no-reward-centering: the reference's broadcast
+                # reward divided by sigma over tokens, uncentred (docs/rl.md)
+                returns = (adv.reinforce_returns_orm(seq, gmask) if cfg.reinforce_center else
+                           adv.orm_token_rewards(seq, gmask, last_token_only=False, normalize=True))
             else:
                 returns = adv.reinforce_returns_qrm(rewards, gmask, center=cfg.reinforce_center, eos_rescore=cfg.eos_rescore)
             advantages = returns
@@ -528,8 +581,12 @@ class RLTrainer:
 
                 outs = run_global_batch(model, forward_step, micro, forward_only=False)
                 sums = reduce_metric_sums(outs, names)
-                optimizer.step()
+                label = "actor" if model is self.roles.actor else "critic"
+                if not self.guards[label].allow_step(self.state.iteration + 1, sums[names[0]], model, label=label):
+                    continue  # non-finite loss or gradients: no update (the guard stops a run that persists)
+                _, grad_norm, _ = optimizer.step()
                 scheduler.step(increment=1)
+                self.guards[label].after_step(self.state.iteration + 1, grad_norm)
                 for k in names:
                     totals[k] += sums[k]
                 steps += 1
@@ -559,7 +616,9 @@ class RLTrainer:
 
     def _critic_loss(self, output, batch):
         values = shift_right(output.squeeze(-1).float())  # V(s_t) for the action at p sits at p - 1
-        out = rl_losses.value_loss(values, batch["returns"], batch["action_mask"])
+        # --value-clip: PPO value clipping around the rollout-time values (the reference does not clip)
+        out = rl_losses.value_loss(values, batch["returns"], batch["action_mask"], clip_eps=self.cfg.value_clip,
+                                   values_old=batch.get("values") if self.cfg.value_clip is not None else None)
         return out.loss_sum, out.num_tokens.to(torch.int), {"value_loss_sum": out.loss_sum.detach(),
                                                               "tokens": out.num_tokens.detach()}
 
@@ -575,10 +634,11 @@ class RLTrainer:
             t1 = time.time()
             exp = self.score(exp)
             stats = self.advantages(exp)
+            self._check_finite(exp)
             times["score_s"] = time.time() - t1
             t2 = time.time()
-            keys = ("tokens", "position_ids", "action_mask", "logp_old", "advantages", "returns")
-            for k in ("logp_old", "advantages", "returns"):  # first stages carry placeholders (unused there)
+            keys = ("tokens", "position_ids", "action_mask", "logp_old", "advantages", "returns", "values")
+            for k in ("logp_old", "advantages", "returns", "values"):  # first stages carry placeholders (unused there)
                 if exp.get(k) is None:
                     exp[k] = torch.zeros_like(exp["action_mask"])
             actor_names = ("policy_loss_sum", "tokens", "clipped_sum", "ratio_sum", "approx_kl_sum", "entropy_sum")
@@ -613,6 +673,20 @@ class RLTrainer:
                 break
         self.logger.close()
         return last
+
+    def _check_finite(self, exp: dict) -> None:
+        """Stop before any update when the rollout's log-probs, rewards, values or advantages are not finite
+        (on any rank); names the iteration and the tensors. Collective."""
+        names = ("logp_old", "logp_ref", "credits", "values", "advantages", "returns")
+        bad = [k for k in names if isinstance(exp.get(k), torch.Tensor) and not bool(torch.isfinite(exp[k]).all())]
+        flags = torch.tensor([float(k in bad) for k in names])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            parallel.all_reduce_host(flags, op=dist.ReduceOp.MAX)
+        bad = [k for k, f in zip(names, flags.tolist()) if f > 0]
+        if bad:
+            raise NonFiniteError(f"iteration {self.state.iteration + 1}: non-finite {', '.join(bad)} in the rollout; "
+                                 "stopping before any update (the last checkpoint is untouched). Check the reward "
+                                 "model and lower --lr")
 
     def _broadcast_stats(self, stats: dict[str, float]) -> dict[str, float]:
         names = ("token_reward_mean", "sequence_score_mean", "kl_mean", "advantage_mean", "response_length")

@@ -196,7 +196,7 @@ class NonFiniteGuard:
     (the model has collapsed: e.g. saturated scores after a learning rate far too large).
     """
 
-    def __init__(self, max_consecutive: int = 3, collapse_steps: int = 20, what: str = "step",
+    def __init__(self, max_consecutive: int = 3, collapse_steps: int = 10, what: str = "step",
                  fault_offset: int = 0) -> None:
         if max_consecutive < 1:
             raise ValueError(f"--max-nonfinite-steps {max_consecutive}: must be at least 1")

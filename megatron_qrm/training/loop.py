@@ -69,11 +69,23 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
             logger.log(state.iteration, last)
         stop = bool(cfg.exit_interval) and state.iteration % cfg.exit_interval == 0
         if (cfg.save_interval and state.iteration % cfg.save_interval == 0) or stop:
-            save()
-            saved_at = state.iteration
+            saved_at = _save_unless_diverging(save, guard, state.iteration, saved_at, logger)
         if stop and state.iteration < cfg.train_iters:
             logger.message(f"exit interval reached at iteration {state.iteration}")
             return last
     if saved_at != state.iteration:
-        save()
+        _save_unless_diverging(save, guard, state.iteration, saved_at, logger)
     return last
+
+
+def _save_unless_diverging(save: Callable[[], None], guard: NonFiniteGuard, iteration: int, saved_at: int,
+                           logger: MetricsLogger) -> int:
+    """Save, unless the latest step(s) were not finite: weights can be finite yet give NaN losses (after a
+    huge update), so a model whose last evaluation was not finite never becomes ``latest``. Returns the
+    iteration of the newest checkpoint."""
+    if guard.consecutive:
+        logger.message(f"iteration {iteration}: not saving: the last {guard.consecutive} step(s) were not finite "
+                       f"(since iteration {guard.first_bad}); `latest` keeps the previous checkpoint")
+        return saved_at
+    save()
+    return iteration
