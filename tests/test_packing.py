@@ -230,3 +230,63 @@ def test_sft_step_packed_equals_unpacked(results, case):
     for k in unpacked["grads"]:
         assert unpacked["grads"][k].abs().max() > 0 or "embedding" in k
         torch.testing.assert_close(packed["grads"][k], unpacked["grads"][k], atol=TOL, rtol=0, msg=k)
+
+
+# ----------------------------------------------------------------------------- qrm train-rm / train-sft
+E2E_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--log-interval", "1",
+             "--no-tensorboard", "--seed", "3"]
+E2E_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def e2e(qrm_data, tiny_flags, qrm_batch, tmp_path_factory):
+    """train-rm runs on the same data: packed (default), --no-pack-sequences, --group-by-length, packed with
+    2 data-parallel ranks, and a packed run that exits at step 2 and resumes; qrm and dpo (whose reference
+    log-probs are computed packed too)."""
+    out = tmp_path_factory.mktemp("packing_e2e")
+    common = ["train-rm", "--train-data", qrm_data.pairs, "--tokenizer", qrm_data.tokenizer, *tiny_flags, *E2E_FLAGS,
+              "--train-iters", str(E2E_STEPS)]
+    runs, names = [], []
+    for kind in ("qrm", "dpo"):
+        for variant, extra in (("packed", []), ("padded", ["--no-pack-sequences"]),
+                               ("grouped", ["--no-pack-sequences", "--group-by-length"]),
+                               ("small_packs", ["--pack-tokens", "160"]),
+                               ("exit", ["--exit-interval", "2"])):
+            names.append(f"{kind}_{variant}")
+            runs.append([*common, "--reward-loss", kind, *extra, "--save", str(out / names[-1])])
+    results = dict(zip(names, qrm_batch(runs)))
+    # resume the exited runs in a new process; the DP=2 runs under torchrun
+    resumed = [[*common, "--reward-loss", k, "--load", str(out / f"{k}_exit"), "--save", str(out / f"{k}_exit")]
+               for k in ("qrm", "dpo")]
+    results.update(zip(("qrm_resumed", "dpo_resumed"), qrm_batch(resumed)))
+    dp2 = [[*common, "--reward-loss", k, "--save", str(out / f"{k}_dp2")] for k in ("qrm", "dpo")]
+    results.update(zip(("qrm_dp2", "dpo_dp2"), qrm_batch(dp2, nproc=2)))
+    return out, results
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["qrm", "dpo"])
+def test_train_rm_packed_losses_equal_padded(e2e, kind):
+    from conftest import losses
+
+    out, results = e2e
+    assert "batching: packed micro-batches of up to 256 tokens" in results[f"{kind}_packed"]["stdout"]
+    assert "batching: padded, grouped by length" in results[f"{kind}_grouped"]["stdout"]
+    want = losses(out / f"{kind}_padded")
+    assert sorted(want) == list(range(1, E2E_STEPS + 1))
+    for variant in ("packed", "grouped", "small_packs", "dp2", "exit"):
+        got = losses(out / f"{kind}_{variant}")
+        for step in range(1, E2E_STEPS + 1):
+            assert abs(got[step] - want[step]) <= 1e-5, (variant, step, got, want)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("kind", ["qrm", "dpo"])
+def test_train_rm_packed_resume_is_exact(e2e, kind):
+    from conftest import losses
+
+    out, results = e2e
+    assert "at iteration 2" in results[f"{kind}_resumed"]["stdout"]
+    uninterrupted = losses(out / f"{kind}_packed")
+    resumed = losses(out / f"{kind}_exit")
+    assert max(abs(resumed[s] - uninterrupted[s]) for s in range(1, E2E_STEPS + 1)) <= 1e-6

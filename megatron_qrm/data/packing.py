@@ -194,3 +194,36 @@ def group_by_length(indices: np.ndarray, sizes: np.ndarray, micro_batch_size: in
     order = np.argsort(-np.asarray(sizes), kind="stable")
     ranked = np.asarray(indices)[order]
     return [ranked[i:i + micro_batch_size] for i in range(0, len(ranked), micro_batch_size)]
+
+
+def rank_microbatches(global_indices: np.ndarray, sizes: np.ndarray, *, micro_batch_size: int, dp_rank: int,
+                      dp_size: int, pack_capacity: int | None, group_by_length_: bool = False) -> list[np.ndarray]:
+    """This data-parallel rank's micro-batches (dataset indices) of one global batch.
+
+    * ``pack_capacity`` set: packed micro-batches of at most that many tokens (:func:`plan_microbatches`);
+    * else ``group_by_length_``: length-sorted micro-batches of ``micro_batch_size``, dealt to the ranks
+      round-robin (each rank gets the same number);
+    * else: the rank's contiguous slice cut into ``micro_batch_size`` (as :class:`GlobalBatchSampler`).
+
+    ``sizes`` ``[len(global_indices)]``: tokens of each sample (a pair: both sequences).
+    """
+    global_indices, sizes = np.asarray(global_indices), np.asarray(sizes)
+    if pack_capacity is not None:
+        return [global_indices[np.asarray(mb)] for mb in plan_microbatches(sizes.tolist(), pack_capacity,
+                                                                             dp_rank, dp_size)]
+    if group_by_length_:
+        return group_by_length(global_indices, sizes, micro_batch_size)[dp_rank::dp_size]
+    per_rank = len(global_indices) // dp_size
+    mine = global_indices[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def unsupported_reason(model) -> str | None:
+    """Why ``model`` cannot run packed sequences (None when it can): megatron-core's unfused
+    ``DotProductAttention`` (local spec, ``--local-attention unfused``) refuses ``PackedSeqParams``;
+    :class:`~megatron_qrm.models.attention.SDPAttention` and Transformer Engine's attention accept them."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    if any(isinstance(m, DotProductAttention) for m in model.modules()):
+        return "megatron-core's unfused DotProductAttention (local spec) has no packed-sequence support"
+    return None

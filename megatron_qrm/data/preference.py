@@ -235,6 +235,14 @@ class PreferenceDataset:
     def __iter__(self) -> Iterator[TokenizedPair]:
         return (self[i] for i in range(len(self)))
 
+    def sequence_lengths(self) -> np.ndarray:
+        """``[N, 2]`` int64 token counts of (prompt + chosen, prompt + rejected) of every pair (for packing
+        and length grouping)."""
+        prompt = np.fromiter((len(self._prompts[k]) for k in self._pair_prompt), dtype=np.int64, count=len(self))
+        chosen = np.fromiter((len(c) for c in self._chosen), dtype=np.int64, count=len(self))
+        rejected = np.fromiter((len(r) for r in self._rejected), dtype=np.int64, count=len(self))
+        return np.stack([prompt + chosen, prompt + rejected], axis=1)
+
     def __repr__(self) -> str:
         return f"PreferenceDataset({self.cfg.path!r}, {self.stats})"
 

@@ -76,3 +76,8 @@ class SFTDataset:
 
     def example(self, i: int) -> tuple[list[int], list[int]]:
         return self._prompts[int(i)].tolist(), self._responses[int(i)].tolist()
+
+    def sequence_lengths(self) -> np.ndarray:
+        """``[N]`` int64 token counts of prompt + response of every example (for packing / length grouping)."""
+        return np.fromiter((len(p) + len(r) for p, r in zip(self._prompts, self._responses)), dtype=np.int64,
+                           count=len(self))

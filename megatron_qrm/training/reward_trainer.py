@@ -20,6 +20,7 @@ from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
+from megatron_qrm.data.packing import pack_collated, plan_microbatches, rank_microbatches, unsupported_reason
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
 from megatron_qrm.models.lora import is_lora_param
@@ -68,6 +69,17 @@ class RewardTrainConfig:
     exit_interval: Optional[int] = None  # stop (after saving) at this iteration: for tests/preemption
     max_nonfinite_steps: int = 3  # skipped non-finite optimizer steps in a row before the run stops
     allow_tokenizer_change: bool = False  # accept a tokenizer other than the checkpoint's (recorded)
+    # packed sequences (data/packing.py): micro-batches of up to pack_tokens tokens (default
+    # micro_batch_size x 2 x seq_length: the memory plan's micro-batch), no padding computed
+    pack_sequences: bool = True
+    pack_tokens: Optional[int] = None
+    group_by_length: bool = False  # without packing: length-sorted micro-batches within a global batch
+
+    def pack_capacity(self) -> Optional[int]:
+        """Tokens per packed micro-batch, or None when packing is off."""
+        if not self.pack_sequences:
+            return None
+        return self.pack_tokens or self.micro_batch_size * 2 * self.data.seq_length
 
 
 def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer_path: str,
@@ -114,17 +126,19 @@ def _dp_info() -> tuple[int, int]:
 
 
 def _collate(dataset: PreferenceDataset, indices, pad_id: int, pad_multiple: int,
-             ref_sums: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+             ref_sums: Optional[torch.Tensor], pack: bool = False) -> dict[str, torch.Tensor]:
+    """A [2B, S] pair batch, or (``pack``) one packed THD stream of its 2B sequences (data/packing.py)."""
     idx = [int(i) for i in indices]
-    batch = collate_pairs([dataset[i] for i in idx], pad_id, pad_multiple, indices=idx)
+    batch = collate_pairs([dataset[i] for i in idx], pad_id, 1 if pack else pad_multiple, indices=idx)
     if ref_sums is not None:  # [N, 2] (chosen, rejected) -> [2B] in the batch's row order
         sel = ref_sums[torch.as_tensor(idx)]
         batch["ref_logps_sum"] = torch.cat([sel[:, 0], sel[:, 1]])
-    return batch
+    return pack_collated(batch, pad_id, pad_multiple) if pack else batch
 
 
 def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size: int, pad_id: int,
-                            pad_multiple: int, logger: MetricsLogger) -> Optional[torch.Tensor]:
+                            pad_multiple: int, logger: MetricsLogger,
+                            pack_capacity: Optional[int] = None) -> Optional[torch.Tensor]:
     """Sum of reference log-probs over each response, [N, 2] (chosen, rejected), on the last stage.
 
     The reference is the model as it is now (before any update): DPO-RM starts from it. Pairs are
@@ -134,7 +148,11 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
     n = len(dataset)
     sums = torch.zeros(n, 2, dtype=torch.float64)
     mine = list(range(dp_rank, n, dp_size))
-    chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+    if pack_capacity:  # packed micro-batches of this rank's pairs
+        sizes = dataset.sequence_lengths().sum(axis=1)[mine]
+        chunks = [[mine[j] for j in mb] for mb in plan_microbatches(sizes.tolist(), pack_capacity)]
+    else:
+        chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
     # every DP rank must run the same number of schedule passes (collectives inside)
     steps = torch.tensor([len(chunks)])
     parallel.all_reduce_host(steps, op=dist.ReduceOp.MAX)
@@ -143,7 +161,7 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
     with torch.no_grad():
         for s in range(int(steps)):
             idx = chunks[s] if s < len(chunks) else chunks[0][:1] if chunks else [0]
-            mb = _collate(dataset, idx, pad_id, pad_multiple, None)
+            mb = _collate(dataset, idx, pad_id, pad_multiple, None, pack=bool(pack_capacity))
             outs = run_global_batch(model, reference_logps_forward_step(), [mb], forward_only=True)
             if s < len(chunks):
                 for out in outs:
@@ -236,6 +254,9 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
                         sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
                         seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
                         recompute_num_layers=cfg.recompute_num_layers)
+    if cfg.pack_sequences and unsupported_reason(model):
+        logger.message(f"sequence packing off: {unsupported_reason(model)}")
+        cfg = dataclasses.replace(cfg, pack_sequences=False)
     total, trainable = count_parameters(model)
     logger.message(f"model: role={cfg.loss.role} layer spec={model.transformer_impl} "
                    f"params (this rank)={total:,} trainable={trainable:,} lora_rank={cfg.lora.rank}")
@@ -260,7 +281,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
         checkpointing.load_checkpoint(cfg.pretrained_checkpoint, ddp, load_rng=False, model_key_filter=keep)
         logger.message(f"initialised from {cfg.pretrained_checkpoint} ({'fresh' if fresh_head else 'its'} head)")
     if cfg.loss.kind == "dpo" and ref_sums is None and not (resume_dir and not ps.is_pipeline_last_stage()):
-        ref_sums = compute_reference_logps(ddp, dataset, cfg.micro_batch_size, tokenizer.pad_id, pad_multiple, logger)
+        ref_sums = compute_reference_logps(ddp, dataset, cfg.micro_batch_size, tokenizer.pad_id, pad_multiple, logger,
+                                           pack_capacity=cfg.pack_capacity())
 
     ckpt_config = _checkpoint_config(cfg, model_cfg, tokenizer_path, tokenizer, saved, tokenizer_change)
     logger.start_step = state.iteration
@@ -274,8 +296,21 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
             logger.message(f"saved checkpoint {path}")
 
     # ---- training loop ----
+    pair_tokens = dataset.sequence_lengths().sum(axis=1)  # [N] tokens of both sequences of each pair
+    capacity = cfg.pack_capacity()
+    logger.message(f"batching: {f'packed micro-batches of up to {capacity} tokens' if capacity else 'padded'}"
+                   f"{', grouped by length' if cfg.group_by_length and not capacity else ''}")
+
     def microbatches(consumed: int) -> list[dict]:
-        return [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums) for idx in sampler.microbatches(consumed)]
+        if capacity is None and not cfg.group_by_length:
+            groups = sampler.microbatches(consumed)
+        else:
+            batch = sampler.global_batch(consumed)
+            groups = rank_microbatches(batch, pair_tokens[batch], micro_batch_size=cfg.micro_batch_size,
+                                       dp_rank=dp_rank, dp_size=dp_size, pack_capacity=capacity,
+                                       group_by_length_=cfg.group_by_length)
+        return [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums, pack=capacity is not None)
+                for idx in groups]
 
     def summarize(s: dict[str, float]) -> dict[str, float]:
         n = max(s["num_valid"], 1.0)

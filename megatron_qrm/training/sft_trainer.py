@@ -16,7 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import check_tokenizer_identity, load_tokenizer, pad_multiple_for
-from megatron_qrm.data.packing import packed_seq_params, unpack
+from megatron_qrm.data.packing import pack_collated, packed_seq_params, rank_microbatches, unpack, unsupported_reason
 from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.data.sft import SFTDataConfig, SFTDataset
@@ -60,6 +60,17 @@ class SFTTrainConfig:
     exit_interval: Optional[int] = None
     max_nonfinite_steps: int = 3  # skipped non-finite optimizer steps in a row before the run stops
     allow_tokenizer_change: bool = False  # accept a tokenizer other than the checkpoint's (recorded)
+    # packed sequences (data/packing.py): micro-batches of up to pack_tokens tokens (default
+    # micro_batch_size x seq_length: the memory plan's micro-batch), no padding computed
+    pack_sequences: bool = True
+    pack_tokens: Optional[int] = None
+    group_by_length: bool = False  # without packing: length-sorted micro-batches within a global batch
+
+    def pack_capacity(self) -> Optional[int]:
+        """Tokens per packed micro-batch, or None when packing is off."""
+        if not self.pack_sequences:
+            return None
+        return self.pack_tokens or self.micro_batch_size * self.data.seq_length
 
 
 def sft_forward_step(data_iterator, model):
@@ -135,6 +146,9 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
                         sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
                         seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
                         recompute_num_layers=cfg.recompute_num_layers)
+    if cfg.pack_sequences and unsupported_reason(model):
+        logger.message(f"sequence packing off: {unsupported_reason(model)}")
+        cfg = dataclasses.replace(cfg, pack_sequences=False)
     total, trainable = count_parameters(model)
     logger.message(f"model: policy, layer spec={model.transformer_impl}, params (this rank)={total:,} "
                    f"trainable={trainable:,}")
@@ -164,11 +178,25 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
                                                  scheduler=scheduler, train_state=state, keep_last=cfg.keep_last)
             logger.message(f"saved checkpoint {path}")
 
+    example_tokens = dataset.sequence_lengths()  # [N]
+    capacity = cfg.pack_capacity()
+
     def microbatches(consumed: int) -> list[dict]:
+        if capacity is None and not cfg.group_by_length:
+            groups = sampler.microbatches(consumed)
+        else:
+            batch = sampler.global_batch(consumed)
+            groups = rank_microbatches(batch, example_tokens[batch], micro_batch_size=cfg.micro_batch_size,
+                                       dp_rank=dp_rank, dp_size=dp_size, pack_capacity=capacity,
+                                       group_by_length_=cfg.group_by_length)
         out = []
-        for idx in sampler.microbatches(consumed):
+        for idx in groups:
             prompts, responses = zip(*(dataset.example(i) for i in idx))
-            out.append(collate_sequences(prompts, responses, tokenizer.pad_id, pad_multiple))
+            if capacity is None:
+                out.append(collate_sequences(prompts, responses, tokenizer.pad_id, pad_multiple))
+            else:
+                out.append(pack_collated(collate_sequences(prompts, responses, tokenizer.pad_id, 1),
+                                         tokenizer.pad_id, pad_multiple))
         return out
 
     def summarize(s: dict[str, float]) -> dict[str, float]:
