@@ -30,6 +30,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tie-word-embeddings", action="store_true", default=None)
     g.add_argument("--transformer-impl", choices=("auto", "te", "local"), default="auto",
                    help="Transformer Engine spec (te), megatron-core local spec, or te when available")
+    g.add_argument("--local-attention", choices=("auto", "sdpa", "unfused"), default="auto",
+                   help="core attention of the local spec: fused scaled_dot_product_attention (sdpa; auto = sdpa "
+                        "on every device) or megatron-core's DotProductAttention (unfused; for parity checks)")
 
 
 _SIZE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")

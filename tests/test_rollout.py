@@ -6,10 +6,14 @@
   (ONE 2-process launch runs every layout and case, see ``tests/workers/rl_worker.py``). The three layouts
   load the same weights and must sample the same tokens too; the sampled tokens respect top-k / top-p
   (their rank and nucleus mass under teacher forcing) and the recorded log-probs are the untempered ones.
-* Unit tests, no process group: :func:`filter_logits` against a hand-written loop, and stop handling on a
-  scripted model (EOS ends a row, extra stop ids, max_new_tokens, the --seq-length cut, prompts of
-  different lengths: the prompt tokens are forced, generation starts at each row's own end, rows do not
-  influence each other; padded vocabulary columns are never sampled; a prompt without room -> ValueError).
+* Unit tests, no process group: :func:`filter_logits` against a hand-written loop, and the sampling loop's
+  stop handling on a scripted model (EOS ends a row, extra stop ids, max_new_tokens, the --seq-length cut,
+  prompts of different lengths: all prefilled in one call, generation starts at each row's own end, rows do
+  not influence each other, finished rows are compacted out of the batch; padded vocabulary columns are
+  never sampled; a prompt without room -> ValueError). The scripted model stands in for the KV-cache decoder
+  (``kv``: a :class:`ScriptedDecoder` with the decoder's prefill/step/select interface) and is run by the
+  real full-recompute decoder (``full``). The real KV-cache decoder is checked against Hugging Face and
+  full recomputation in tests/test_attention.py and below.
 """
 
 from __future__ import annotations
@@ -140,14 +144,40 @@ class ScriptedModel(torch.nn.Module):
         return self.table[tokens]
 
 
+class ScriptedDecoder:
+    """The KV-cache decoder's interface over :class:`ScriptedModel`: ``prefill`` (left-padded prompts, the last
+    column is each row's last prompt token), ``step`` (one token per row), ``select`` (compaction). Records
+    ``("prefill", B, P)`` / ``("step", B)`` / ``("select", B)`` in ``model.calls``."""
+
+    def __init__(self, model, batch_size, max_columns, max_positions, device):
+        self.model = model
+        model.calls.clear()
+
+    def prefill(self, tokens, prompt_lens):
+        self.model.calls.append(("prefill", *tokens.shape))
+        return self.model.table[tokens[:, -1]]
+
+    def step(self, tokens):
+        self.model.calls.append(("step", tokens.shape[0]))
+        return self.model.table[tokens]
+
+    def select(self, rows):
+        self.model.calls.append(("select", rows.shape[0]))
+
+
 @pytest.fixture
 def no_groups(monkeypatch):
-    """One process, no model parallelism: the sampler's parallel-state queries answered without groups."""
+    """One process, no model parallelism: the sampler's parallel-state queries answered without groups, and
+    the KV-cache decoder replaced by :class:`ScriptedDecoder`."""
+    from megatron_qrm.rl import vocab_sampling
+
     fake = types.SimpleNamespace(
         get_pipeline_model_parallel_group=lambda: None, get_pipeline_model_parallel_world_size=lambda: 1,
         is_pipeline_first_stage=lambda: True, is_pipeline_last_stage=lambda: True,
-        get_tensor_model_parallel_world_size=lambda: 1)
+        get_tensor_model_parallel_world_size=lambda: 1, get_tensor_model_parallel_rank=lambda: 0)
     monkeypatch.setattr(rollout, "ps", fake)
+    monkeypatch.setattr(vocab_sampling, "ps", fake)
+    monkeypatch.setattr(rollout, "KVCacheDecoder", ScriptedDecoder)
 
 
 def _gen(prompts, kv: bool, max_length: int = 64, **kw):
@@ -188,9 +218,9 @@ def test_extra_stop_ids(no_groups, kv):
 
 @pytest.mark.parametrize("kv", [True, False], ids=["kv", "full"])
 def test_prompts_of_different_lengths(no_groups, kv):
-    """The batch is right-padded and stepped position by position from the shortest prompt: inside a longer
-    prompt its own token is forced (not the sample, which would be successor(previous) here, never the
-    prompt token), and each row's generation starts right after its own prompt."""
+    """Every prompt is prefilled in one call whatever its length (the sample after a row's own last prompt
+    token, successor(last), is its first response token), and each row's generation starts right after its
+    own prompt."""
     prompts = [[2, 30], [2, 9, 33, 5, 26, 11, 8], [2, 24, 6, 25], [5]]
     r, model = _gen(prompts, kv, max_new_tokens=5)
     for i, p in enumerate(prompts):
@@ -207,10 +237,28 @@ def test_prompts_of_different_lengths(no_groups, kv):
         alone, _ = _gen([p], kv, max_new_tokens=5)
         assert alone.response_ids(0) == want
     assert r.tokens.shape[1] == 7 + 5
-    if kv:  # one prefill of the shortest prompt, then one position per step
-        assert model.calls[0] == (4, 1) and all(c == (4, 1) for c in model.calls[1:])
-    else:  # the prefix is recomputed every step
-        assert [c[1] for c in model.calls] == list(range(1, 7 + 5))
+    if kv:  # one prefill of all prompts (left-padded to 7), then one token per row per step: 5 tokens
+        assert model.calls == [("prefill", 4, 7)] + [("step", 4)] * 4
+    else:  # the whole (right-padded) prefix is recomputed every step
+        assert [c[1] for c in model.calls] == list(range(7, 7 + 5))
+
+
+@pytest.mark.parametrize("kv", [True, False], ids=["kv", "full"])
+def test_finished_rows_are_compacted_out(no_groups, kv):
+    """Rows 0-2 stop at once (EOS after 20), row 3 runs 6 tokens: after the first token the batch holds 1
+    row (compacted once at least half of it is done), and every row's result is what it gets alone."""
+    prompts = [[2, 20], [7, 20], [20], [2, 30]]
+    r, model = _gen(prompts, kv, max_new_tokens=6)
+    assert [r.response_ids(i) for i in range(3)] == [[EOS]] * 3 and r.response_ids(3) == [31, 32, 33, 34, 35, 36]
+    assert r.finished.tolist() == [True, True, True, False]
+    if kv:
+        assert model.calls == [("prefill", 4, 2), ("select", 1)] + [("step", 1)] * 5
+    else:
+        assert len(model.calls) == 6 and all(c[0] == 1 for c in model.calls[1:])  # [rows, width] per forward
+    for i, p in enumerate(prompts):
+        alone, _ = _gen([p], kv, max_new_tokens=6)
+        assert alone.response_ids(0) == r.response_ids(i)
+        assert torch.equal(alone.logprobs[0, :len(p) + 6], r.logprobs[i, :len(p) + 6])
 
 
 @pytest.mark.parametrize("kv", [True, False], ids=["kv", "full"])

@@ -140,10 +140,11 @@ def test_te_spec_chosen_only_when_te_imports(builder, monkeypatch, caplog):
     spec, impl = builder.layer_spec("auto")
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    assert impl == "local" and _core(spec) is DotProductAttention  # CPU keeps megatron-core's attention
     from megatron_qrm.models.attention import SDPAttention
 
+    assert impl == "local" and _core(spec) is SDPAttention  # fused SDPA on every device, CPU included
     assert _core(builder.layer_spec("auto", "sdpa")[0]) is SDPAttention
+    assert _core(builder.layer_spec("auto", "unfused")[0]) is DotProductAttention  # kept for parity tests
     with pytest.raises(ValueError, match="local attention"):
         builder.layer_spec("local", "flash")
 

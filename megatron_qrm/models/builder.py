@@ -5,9 +5,11 @@
   output layer; present only on the last pipeline stage, replicated across TP.
 
 The layer spec is Transformer Engine's when TE imports and CUDA is present, megatron-core's local
-spec otherwise; the choice and its reason are logged. On a GPU the local spec's core attention is
-:class:`~megatron_qrm.models.attention.SDPAttention` (fused ``scaled_dot_product_attention``, no ``s x s``
-matrix); on CPU it stays megatron-core's ``DotProductAttention`` unless ``local_attention="sdpa"``.
+spec otherwise; the choice and its reason are logged (once per process and choice). The local spec's core
+attention is :class:`~megatron_qrm.models.attention.SDPAttention` (fused ``scaled_dot_product_attention``:
+no ``s x s`` matrix, no K/V copied per query head under GQA) on every device, for training and inference;
+megatron-core's ``DotProductAttention`` stays selectable (``local_attention="unfused"``,
+``--local-attention unfused``) for parity tests.
 Activation recomputation (``recompute_granularity`` full/selective) is passed to megatron-core.
 """
 
@@ -59,7 +61,7 @@ def layer_spec(transformer_impl: str = "auto", local_attention: str = "auto"):
     """The transformer layer spec: 'te', 'local', or 'auto' (TE when available).
 
     ``local_attention`` (local spec only): 'sdpa' (:class:`SDPAttention`), 'unfused' (megatron-core's
-    DotProductAttention), or 'auto' (sdpa on a GPU, unfused on CPU).
+    DotProductAttention), or 'auto' (= sdpa, on every device).
     """
     use_te, reason = transformer_impl_available()
     if transformer_impl == "te" and not use_te:
@@ -69,19 +71,30 @@ def layer_spec(transformer_impl: str = "auto", local_attention: str = "auto"):
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        log.info("layer spec: Transformer Engine (%s)", reason)
+        _log_once("layer spec: Transformer Engine (%s)", reason)
         return get_gpt_layer_with_transformer_engine_spec(), "te"
     if local_attention not in ("auto", "sdpa", "unfused"):
         raise ValueError(f"local attention {local_attention!r}: expected auto, sdpa or unfused")
-    sdpa = local_attention == "sdpa" or (local_attention == "auto" and torch.cuda.is_available())
+    sdpa = local_attention in ("auto", "sdpa")
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     if sdpa:
         from megatron_qrm.models.attention import with_sdpa_attention
 
         spec = with_sdpa_attention(spec)
-    log.info("layer spec: megatron-core local, %s attention (%s)",
-             "SDPA" if sdpa else "unfused DotProductAttention", reason)
+    _log_once("layer spec: megatron-core local, %s attention (%s)",
+              "SDPA" if sdpa else "unfused DotProductAttention", reason)
     return spec, "local"
+
+
+_LOGGED: set = set()
+
+
+def _log_once(fmt: str, *args) -> None:
+    """``log.info`` a message the first time this process builds a model with it (every role logs it otherwise)."""
+    msg = fmt % args
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.info(msg)
 
 
 def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequence_parallel: bool = False,

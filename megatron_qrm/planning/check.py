@@ -90,7 +90,7 @@ def check_fits(model: ModelConfig, role: str, *, tensor_parallel: int, pipeline_
         pipeline_parallel=pipeline_parallel, num_gpus=world_size, micro_batch_size=micro_batch_size,
         global_batch_size=global_batch_size, seq_length=seq_length,
         recompute=recompute_granularity or "none", sequence_parallel=sequence_parallel, transformer_impl=impl,
-        attention="auto" if on_gpu else "unfused", bf16=bf16, distributed_optimizer=distributed_optimizer,
+        attention="auto", bf16=bf16, distributed_optimizer=distributed_optimizer,
         fused_activation=on_gpu, gpu=gpu_key or "a100-80gb", gpu_memory_bytes=total, **rl)
     plan = make_plan(inp, search=on_gpu)
     m = plan.memory

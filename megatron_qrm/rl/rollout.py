@@ -1,14 +1,18 @@
-"""Batched sampling from a policy with a KV cache, under tensor and pipeline parallelism.
+"""Batched sampling from a policy, under tensor and pipeline parallelism.
 
-A lean sampler on megatron-core's ``StaticInferenceContext``: prompts of different lengths sit
-right-padded in one [B, L] buffer; the shortest prompt is prefilled at once, then every step feeds
-one position for the whole batch. Where a row is still inside its prompt the prompt token is forced
-instead of the sample (so positions stay aligned and no left padding is needed).
+Two paths, the same loop and the same token selection:
 
-Logits are gathered across TP (``runtime_gather_output``), so every TP rank sees the same
-distribution; the last pipeline stage samples and broadcasts the tokens to all stages. The
-behaviour log-prob of each sampled token (untempered logits, i.e. the policy pi_old itself) is
-recorded in the same pass.
+* KV cache (default): :class:`megatron_qrm.models.kv_decode.KVCacheDecoder` -- every prompt prefilled in
+  one forward pass (left padding, per-row positions), then one new token per row per step for all rows at
+  once, keys cached after RoPE (a step's cost does not grow with the cache beyond attention itself).
+  Rows that finished are dropped from the batch (and the cache) once at least half of it is done.
+* full recomputation (``SamplingConfig(use_kv_cache=False)``, the reference for tests): megatron-core's
+  own ``GPTModel.forward`` on the whole right-padded prefix at every step.
+
+Tokens are picked on the vocabulary-parallel logits of the last pipeline stage
+(:func:`megatron_qrm.rl.vocab_sampling.select_tokens`: greedy / Gumbel-max / top-k merged across TP
+ranks, the vocabulary gathered only for top-p without top-k) and broadcast to every stage with their
+behaviour log-probs (untempered logits, i.e. pi_old itself), recorded in the same pass.
 
 All per-token outputs are indexed by the POSITION of the token they describe: ``logprobs[b, p]`` is
 log pi(tokens[b, p] | tokens[b, :p]) and ``action_mask[b, p] = 1`` where tokens[b, p] was generated.
@@ -16,13 +20,20 @@ log pi(tokens[b, p] | tokens[b, :p]) and ``action_mask[b, p] = 1`` where tokens[
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_qrm.models.kv_decode import KVCacheDecoder
+from megatron_qrm.rl.vocab_sampling import filter_logits, select_tokens
+from megatron_qrm.rl.vocab_sampling import sample_tokens as _sample_full
+
+__all__ = ["FullRecomputeDecoder", "KVCacheDecoder", "Rollout", "SamplingConfig", "filter_logits", "generate",
+           "sample_tokens"]
 
 
 @dataclass
@@ -53,56 +64,70 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits [B, V] outside the top-k and the top-p nucleus with -inf (vectorised)."""
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
-    """logits [B, V] (fp32) -> token ids [B]."""
-    if cfg.temperature <= 0:
-        return logits.argmax(-1)
-    probs = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Full-vocabulary logits [B, V] (one process) -> token ids [B], by the sampler's rule."""
+    return _sample_full(logits, cfg.temperature, cfg.top_k, cfg.top_p, generator)
 
 
-class PipelinedForward:
-    """One forward of a (possibly pipelined) GPTModel on [B, s] tokens; returns the last position's
-    full-vocabulary logits [B, V] on every rank (broadcast from the last stage)."""
+class FullRecomputeDecoder:
+    """Reference decoder: megatron-core's ``GPTModel.forward`` on the whole prefix at every step.
 
-    def __init__(self, model, vocab_size: int):
+    Rows are kept right-padded ``[B, L]``; causal attention makes the padding after a row invisible to it,
+    so each row's next-token logits are read at its own last column. Same interface as
+    :class:`KVCacheDecoder` (``prefill`` / ``step`` / ``select``); returns vocabulary-parallel logits
+    ``[B, V/tp]`` on the last pipeline stage, None elsewhere.
+    """
+
+    def __init__(self, model, batch_size: int, max_columns: int, device: torch.device):
         self.model = model
-        self.vocab_size = vocab_size
-        self.hidden = model.config.hidden_size
-        self.dtype = model.config.params_dtype
+        config = getattr(model, "config", None) or model.module.config
+        self.hidden, self.dtype = config.hidden_size, config.params_dtype
+        self.tokens = torch.zeros(batch_size, max_columns, dtype=torch.long, device=device)
+        self.lens = torch.zeros(batch_size, dtype=torch.long, device=device)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, ctx: Optional[StaticInferenceContext]):
-        b, s = tokens.shape
-        pp_group = ps.get_pipeline_model_parallel_group()
+    def prefill(self, tokens: torch.Tensor, prompt_lens: torch.Tensor) -> Optional[torch.Tensor]:
+        """tokens [B, P] LEFT-padded prompts (as the KV decoder takes them)."""
+        b, p = tokens.shape
+        lens = prompt_lens.to(self.tokens.device)
+        cols = torch.arange(p, device=tokens.device)
+        src = (cols.unsqueeze(0) + (p - lens).unsqueeze(1)).clamp(max=p - 1)  # left- -> right-padded
+        self.tokens[:, :p] = torch.where(cols.unsqueeze(0) < lens.unsqueeze(1), tokens.gather(1, src), 0)
+        self.lens = lens.clone()
+        return self._logits()
+
+    def step(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        self.tokens.scatter_(1, self.lens.unsqueeze(1), tokens.unsqueeze(1))
+        self.lens = self.lens + 1
+        return self._logits()
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.tokens = self.tokens.index_select(0, rows)
+        self.lens = self.lens.index_select(0, rows)
+
+    @torch.no_grad()
+    def _logits(self) -> Optional[torch.Tensor]:
+        width = int(self.lens.max())
+        tokens = self.tokens[:, :width]
+        b = tokens.shape[0]
+        positions = torch.arange(width, device=tokens.device).unsqueeze(0).expand(b, width)
         multi_stage = ps.get_pipeline_model_parallel_world_size() > 1
         if multi_stage and not ps.is_pipeline_first_stage():
-            recv = torch.empty(s, b, self.hidden, dtype=self.dtype, device=tokens.device)
-            dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank(), group=pp_group)
+            recv = torch.empty(width, b, self.hidden, dtype=self.dtype, device=tokens.device)
+            dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank(), group=ps.get_pipeline_model_parallel_group())
             self.model.set_input_tensor(recv)
-        out = self.model(tokens, positions, attention_mask=None, inference_context=ctx, runtime_gather_output=True)
+        out = self.model(tokens, positions, attention_mask=None)
         if multi_stage and not ps.is_pipeline_last_stage():
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank(), group=pp_group)
-            logits = torch.empty(b, self.vocab_size, dtype=torch.float32, device=tokens.device)
-        else:
-            logits = out[:, -1, : self.vocab_size].float().contiguous()  # drop vocab padding
-        if multi_stage:
-            dist.broadcast(logits, src=ps.get_pipeline_model_parallel_last_rank(), group=pp_group)
-        return logits
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank(),
+                      group=ps.get_pipeline_model_parallel_group())
+            return None
+        return out[torch.arange(b, device=tokens.device), self.lens - 1]  # [B, V/tp]
+
+
+def _suspend_cpu_emulation():
+    """The decode loop creates no CUDA tensors: skip the CPU emulation's per-op hook there (cpu.py)."""
+    from megatron_qrm import cpu
+
+    return cpu.function_mode_suspended() if cpu.is_enabled() else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -111,7 +136,8 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, eo
     """Sample one response per prompt (duplicate prompts for several samples per prompt).
 
     ``max_length`` bounds prompt + response (the model's --seq-length); a prompt that does not
-    leave room for one token raises ``ValueError``.
+    leave room for one token raises ``ValueError``. Collective over the model-parallel groups: every rank
+    of a TP/PP group calls it with the same prompts and seed and gets the same Rollout.
     """
     dev = _device()
     bsz = len(prompts)
@@ -120,51 +146,70 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, eo
     if too_long:
         raise ValueError(f"{len(too_long)} prompt(s) (e.g. #{too_long[0]}, {int(prompt_lens[too_long[0]])} tokens) "
                          f"leave no room to generate within --seq-length {max_length}")
-    total = int(min(max_length, int(prompt_lens.max()) + cfg.max_new_tokens))
+    longest = int(prompt_lens.max())
+    total = int(min(max_length, longest + cfg.max_new_tokens))
+    # each row's budget: max_new_tokens, cut where prompt + response would pass max_length
+    budget = torch.clamp(max_length - prompt_lens, max=cfg.max_new_tokens).to(dev)  # [B] >= 1
+    steps = int(budget.max())
+
+    # left-padded prompts [B, longest] for the prefill; the output buffer is right-padded [B, total]
+    flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+    row = torch.repeat_interleave(torch.arange(bsz), prompt_lens)
+    col = torch.arange(flat.numel()) - torch.repeat_interleave(torch.cumsum(prompt_lens, 0) - prompt_lens, prompt_lens)
+    left = torch.full((bsz, longest), pad_id, dtype=torch.long)
+    left[row, col + (longest - prompt_lens)[row]] = flat
     tokens = torch.full((bsz, total), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):  # building the input buffer, once per batch
-        tokens[i, : len(p)] = torch.as_tensor(p, dtype=torch.long)
-    tokens = tokens.to(dev)
-    prompt_lens_d = prompt_lens.to(dev)
-    limit = torch.clamp(prompt_lens_d + cfg.max_new_tokens, max=total)  # first position not allowed
+    tokens[row, col] = flat
+    tokens, left, prompt_lens_d = tokens.to(dev), left.to(dev), prompt_lens.to(dev)
     logprobs = torch.zeros(bsz, total, dtype=torch.float32, device=dev)
     action = torch.zeros(bsz, total, dtype=torch.float32, device=dev)
-    done = torch.zeros(bsz, dtype=torch.bool, device=dev)
     finished = torch.zeros(bsz, dtype=torch.bool, device=dev)
     stops = torch.tensor(sorted({eos_id, *cfg.stop_token_ids}), device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    forward = PipelinedForward(model, vocab_size)
-    positions = torch.arange(total, device=dev).unsqueeze(0).expand(bsz, total)
+    last_stage = ps.is_pipeline_last_stage()
+    multi_stage = ps.get_pipeline_model_parallel_world_size() > 1
 
     was_training = model.training
     model.eval()
-    ctx = StaticInferenceContext(bsz, total) if cfg.use_kv_cache else None
-    start = int(prompt_lens.min())
-    if ctx is not None:  # prefill the common prompt prefix
-        logits = forward(tokens[:, :start], positions[:, :start], ctx)
-        ctx.increment_sequence_len_offset(start)
-        ctx.enable_decode_mode()
-    for t in range(start, total):
-        if ctx is None:
-            logits = forward(tokens[:, :t], positions[:, :t], None)
-        sampled = sample_tokens(logits, cfg, gen)
-        if ps.get_tensor_model_parallel_world_size() > 1:  # identical on all TP ranks, made certain
-            dist.broadcast(sampled, src=ps.get_tensor_model_parallel_src_rank(),
-                           group=ps.get_tensor_model_parallel_group())
-        generating = (t >= prompt_lens_d) & ~done & (t < limit)
-        new = torch.where(t < prompt_lens_d, tokens[:, t], torch.where(generating, sampled, torch.full_like(sampled, pad_id)))
-        tokens[:, t] = new
-        logp = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        logprobs[:, t] = torch.where(generating, logp, torch.zeros_like(logp))
-        action[:, t] = generating.float()
-        hit_stop = generating & torch.isin(new, stops)
-        finished |= hit_stop
-        done |= hit_stop | (generating & (t + 1 >= limit))
-        if bool(done.all()) and t + 1 >= int(prompt_lens.max()):
-            break
-        if ctx is not None and t + 1 < total:
-            logits = forward(tokens[:, t:t + 1], positions[:, t:t + 1], ctx)
-            ctx.increment_sequence_len_offset(1)
+    if cfg.use_kv_cache:
+        decoder = KVCacheDecoder(model, bsz, longest + steps, longest + steps + 1, dev)
+        suspend = _suspend_cpu_emulation()
+    else:
+        decoder = FullRecomputeDecoder(model, bsz, longest + steps, dev)
+        suspend = contextlib.nullcontext()
+    rows = torch.arange(bsz, device=dev)  # original index of each row still in the decoder's batch
+    alive = torch.ones(bsz, dtype=torch.bool, device=dev)  # per decoder row: still generating
+    with suspend:
+        logits = decoder.prefill(left, prompt_lens_d)
+        for t in range(steps):
+            n = rows.numel()
+            if last_stage:
+                new, logp = select_tokens(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                          vocab_size=vocab_size, generator=gen)
+            else:
+                new = torch.empty(n, dtype=torch.long, device=dev)
+                logp = torch.empty(n, dtype=torch.float32, device=dev)
+            if multi_stage:
+                src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+                dist.broadcast(new, src=src, group=group)
+                dist.broadcast(logp, src=src, group=group)
+            live = rows[alive]
+            pos = prompt_lens_d[live] + t
+            tokens[live, pos] = new[alive]
+            logprobs[live, pos] = logp[alive].float()
+            action[live, pos] = 1.0
+            hit_stop = torch.isin(new, stops) & alive
+            finished[rows[hit_stop]] = True
+            alive = alive & ~hit_stop & (t + 1 < budget[rows])
+            n_alive = int(alive.sum())
+            if n_alive == 0 or t + 1 == steps:
+                break
+            feed = torch.where(alive, new, torch.full_like(new, pad_id))
+            if n_alive <= n // 2:  # compact: the copy costs about one step over the cache, and saves many
+                keep = alive.nonzero().flatten()
+                decoder.select(keep)
+                rows, feed, alive = rows[keep], feed[keep], alive[keep]
+            logits = decoder.step(feed)
     if was_training:
         model.train()
     response_lens = action.sum(-1).long()

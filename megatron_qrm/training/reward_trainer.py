@@ -63,6 +63,7 @@ class RewardTrainConfig:
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None
     transformer_impl: str = "auto"
+    local_attention: str = "auto"  # local spec core attention: sdpa | unfused
     recompute_granularity: Optional[str] = None
     recompute_num_layers: int = 1
     skip_memory_check: bool = False
@@ -253,7 +254,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     model = build_model(model_cfg, cfg.loss.role, precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
                         sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
                         seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
-                        recompute_num_layers=cfg.recompute_num_layers)
+                        recompute_num_layers=cfg.recompute_num_layers, local_attention=cfg.local_attention)
     if cfg.pack_sequences and unsupported_reason(model):
         logger.message(f"sequence packing off: {unsupported_reason(model)}")
         cfg = dataclasses.replace(cfg, pack_sequences=False)

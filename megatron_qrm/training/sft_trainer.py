@@ -54,6 +54,7 @@ class SFTTrainConfig:
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None
     transformer_impl: str = "auto"
+    local_attention: str = "auto"  # local spec core attention: sdpa | unfused
     recompute_granularity: Optional[str] = None
     recompute_num_layers: int = 1
     skip_memory_check: bool = False
@@ -145,7 +146,7 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
                         sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
                         seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
-                        recompute_num_layers=cfg.recompute_num_layers)
+                        recompute_num_layers=cfg.recompute_num_layers, local_attention=cfg.local_attention)
     if cfg.pack_sequences and unsupported_reason(model):
         logger.message(f"sequence packing off: {unsupported_reason(model)}")
         cfg = dataclasses.replace(cfg, pack_sequences=False)

@@ -1,0 +1,200 @@
+"""Incremental decoding of a megatron-core GPTModel with its own KV cache (one pipeline stage).
+
+Built from the layers' submodules -- ``input_layernorm``, ``self_attention`` (its
+``get_query_key_value_tensors``: ``linear_qkv`` + q/k layernorms, and ``linear_proj``),
+``pre_mlp_layernorm`` and ``mlp`` -- rather than from megatron-core's forward signatures or its inference
+contexts, so LoRA hooks on the linears keep working and megatron-core API changes to ``forward``
+do not reach it. What it does differently from megatron-core's ``StaticInferenceContext`` path:
+
+* keys are cached AFTER the rotary embedding, which is applied once to each new key (and query) with
+  cos/sin looked up in a table computed once from the model's own ``rotary_pos_emb`` (so RoPE scaling
+  is the model's); a decode step costs the same per layer at position 1,000 as at 50, apart from the
+  attention over the cache itself;
+* all prompts are prefilled in one forward pass whatever their lengths: left padding, per-row
+  positions (a row's first prompt token has position 0) and a padding-aware causal mask; afterwards every
+  row decodes at the same cache column (so the rows stay aligned), padding columns masked out;
+* the output layer runs on the last position only (the prompt positions' logits are not needed);
+* attention is ``scaled_dot_product_attention`` with grouped-query attention served from the un-repeated
+  cache (``enable_gqa``);
+* :meth:`KVCacheDecoder.select` drops finished rows from the cache (the sampler calls it when enough rows
+  are done for the copy to pay off).
+
+Logits stay vocabulary-parallel (this TP rank's columns, ``[B, V/tp]``). Pipeline stages exchange the
+hidden states ``[s, B, h]`` with point-to-point send/recv; only the last stage returns logits.
+Not supported (raises): sequence parallelism, context parallelism, interleaved rotary layouts,
+post-layernorm residuals, multi-latent attention.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+
+from megatron_qrm.models.attention import _SDPA_HAS_GQA
+
+
+def unwrap_model(model):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCacheDecoder:
+    """Prefill + one-token steps of this pipeline stage of ``model`` for a batch of ``batch_size`` rows.
+
+    ``max_columns``: cache length (longest prompt + new tokens); ``max_positions``: size of the RoPE table
+    (the largest position any row reaches, + 1).
+    """
+
+    def __init__(self, model, batch_size: int, max_columns: int, max_positions: int, device: torch.device):
+        self.model = unwrap_model(model)
+        cfg = self.model.config
+        self.config = cfg
+        for flag, what in (("sequence_parallel", "sequence parallelism"), ("multi_latent_attention", "MLA"),
+                           ("rotary_interleaved", "interleaved rotary embeddings"),
+                           ("apply_residual_connection_post_layernorm", "post-layernorm residuals")):
+            if getattr(cfg, flag, False):
+                raise ValueError(f"KV-cache decoding does not support {what}")
+        if getattr(cfg, "context_parallel_size", 1) != 1:
+            raise ValueError("KV-cache decoding does not support context parallelism")
+        if getattr(self.model, "position_embedding_type", "rope") != "rope":
+            raise ValueError("KV-cache decoding supports rotary position embeddings only")
+        self.layers = list(self.model.decoder.layers)
+        self.final_layernorm = getattr(self.model.decoder, "final_layernorm", None)
+        self.pre_process, self.post_process = self.model.pre_process, self.model.post_process
+        self.device = device
+        self.dtype = cfg.params_dtype
+        self.batch_size = batch_size
+        self.max_columns = max_columns
+        self.hidden = cfg.hidden_size
+        self.head_dim = cfg.kv_channels
+        self.scale = getattr(cfg, "softmax_scale", None) or 1.0 / math.sqrt(self.head_dim)
+        # [max_positions, rot_dim] tables from the model's own rotary module (its base, its scaling)
+        freqs = self.model.rotary_pos_emb(max_positions).reshape(max_positions, -1).float()
+        self.cos = freqs.cos().to(device=device, dtype=self.dtype)
+        self.sin = freqs.sin().to(device=device, dtype=self.dtype)
+        self.rot_dim = self.cos.shape[-1]
+        self.keys: list[Optional[torch.Tensor]] = [None] * len(self.layers)  # [B, groups, max_columns, hn]
+        self.values: list[Optional[torch.Tensor]] = [None] * len(self.layers)
+        self.columns = 0  # cache columns filled
+        self.key_valid: Optional[torch.Tensor] = None  # [B, max_columns] bool (None: no padding anywhere)
+        self.positions: Optional[torch.Tensor] = None  # [B] position of the next token of each row
+        self.pp = ps.get_pipeline_model_parallel_world_size() > 1
+
+    # ------------------------------------------------------------------------------------------ public
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, prompt_lens: torch.Tensor) -> Optional[torch.Tensor]:
+        """tokens [B, P] LEFT-padded prompts, prompt_lens [B] -> last-position logits [B, V/tp] (last stage)."""
+        b, p = tokens.shape
+        pad = p - prompt_lens  # [B] leading padding columns of each row
+        cols = torch.arange(p, device=self.device)
+        positions = (cols.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # [B, P]
+        mask = None
+        if bool((pad > 0).any()):
+            self.key_valid = torch.zeros(b, self.max_columns, dtype=torch.bool, device=self.device)
+            self.key_valid[:, :p] = cols.unsqueeze(0) >= pad.unsqueeze(1)
+            self.key_valid[:, p:] = True
+            causal = cols.unsqueeze(1) >= cols.unsqueeze(0)  # [P(query), P(key)]
+            # a padding query sees itself only (it must see something: an all-masked row is NaN)
+            mask = (causal & self.key_valid[:, None, :p]) | torch.eye(p, dtype=torch.bool, device=self.device)
+            mask = mask.unsqueeze(1)  # [B, 1, P, P]
+        self.positions = prompt_lens.to(self.device).clone()
+        return self._forward(tokens, positions, mask, is_causal=mask is None)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """tokens [B] (one new token per row) -> logits [B, V/tp] for the following one (last stage)."""
+        positions = self.positions.unsqueeze(1)
+        mask = None
+        if self.key_valid is not None:
+            mask = self.key_valid[:, None, None, : self.columns + 1]  # [B, 1, 1, sk]
+        out = self._forward(tokens.unsqueeze(1), positions, mask, is_causal=False)
+        self.positions = self.positions + 1
+        return out
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the current batch) in the cache, in that order."""
+        for i in range(len(self.layers)):
+            self.keys[i] = self.keys[i].index_select(0, rows)
+            self.values[i] = self.values[i].index_select(0, rows)
+        if self.key_valid is not None:
+            self.key_valid = self.key_valid.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+        self.batch_size = int(rows.numel())
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask, is_causal: bool):
+        b, s = tokens.shape
+        if self.pre_process:
+            hidden = self.model.embedding(input_ids=tokens, position_ids=positions)  # [s, b, h]
+        else:
+            hidden = torch.empty(s, b, self.hidden, dtype=self.dtype, device=self.device)
+            dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank(),
+                      group=ps.get_pipeline_model_parallel_group())
+        cos = self.cos[positions].transpose(0, 1).unsqueeze(2)  # [s, b, 1, rot]
+        sin = self.sin[positions].transpose(0, 1).unsqueeze(2)
+        start = self.columns
+        for i, layer in enumerate(self.layers):
+            hidden = self._layer(i, layer, hidden, cos, sin, start, mask, is_causal)
+        self.columns = start + s
+        if not self.post_process:
+            dist.send(hidden.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank(),
+                      group=ps.get_pipeline_model_parallel_group())
+            return None
+        hidden = hidden[-1:]  # only the last position's logits are sampled from
+        if self.final_layernorm is not None:
+            hidden = self.final_layernorm(hidden)
+        weight = (self.model.shared_embedding_or_output_weight()
+                  if self.model.share_embeddings_and_output_weights else None)
+        logits, _ = self.model.output_layer(hidden, weight=weight, runtime_gather_output=False)
+        return logits[0]  # [b, V/tp]
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [s, b, heads, hn] rotated (non-interleaved halves) over its first ``rot_dim`` channels."""
+        if self.rot_dim == x.shape[-1]:
+            return torch.addcmul(x * cos, rotate_half(x), sin)
+        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
+        return torch.cat((torch.addcmul(rot * cos, rotate_half(rot), sin), rest), dim=-1)
+
+    def _layer(self, i: int, layer, hidden, cos, sin, start: int, mask, is_causal: bool):
+        attn = layer.self_attention
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        q, k, v = attn.get_query_key_value_tensors(x, None)  # [s, b, np, hn], [s, b, ng, hn] x2
+        q = self._rope(q, cos, sin)
+        k = self._rope(k, cos, sin)
+        s, b, np_, hn = q.shape
+        if self.keys[i] is None:
+            self.keys[i] = torch.empty(b, k.shape[2], self.max_columns, hn, dtype=k.dtype, device=k.device)
+            self.values[i] = torch.empty_like(self.keys[i])
+        end = start + s
+        self.keys[i][:, :, start:end] = k.permute(1, 2, 0, 3)
+        self.values[i][:, :, start:end] = v.permute(1, 2, 0, 3)
+        keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
+        groups = keys.shape[1]
+        kwargs = {}
+        if groups != np_:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                keys = keys.repeat_interleave(np_ // groups, dim=1)
+                values = values.repeat_interleave(np_ // groups, dim=1)
+        context = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), keys, values, attn_mask=mask,
+                                                 is_causal=is_causal and s > 1, scale=self.scale, **kwargs)
+        context = context.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np * hn]
+        out, bias = attn.linear_proj(context)
+        hidden = residual + out if bias is None else residual + out + bias
+        residual = hidden
+        out, bias = layer.mlp(layer.pre_mlp_layernorm(hidden))
+        return residual + out if bias is None else residual + out + bias
