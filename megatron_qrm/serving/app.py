@@ -25,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from megatron_qrm.serving.batcher import DynamicBatcher
 from megatron_qrm.serving.encoding import EncodedItem, ItemTooLong, RequestEncoder, split_query
@@ -56,30 +56,32 @@ class ChatMessage(BaseModel):
 
 
 class ScoreItem(BaseModel):
-    """``{prompt, response}``, or ``{messages}`` whose last turn is the assistant's response."""
+    """``{prompt, response}``, or ``{messages}`` whose last turn is the assistant's response (checked in
+    :func:`_check_item`, which names the exact field)."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: Optional[StrictStr] = None
     response: Optional[StrictStr] = None
-    messages: Optional[list[ChatMessage]] = Field(default=None, min_length=2)
+    messages: Optional[list[ChatMessage]] = None
 
-    @model_validator(mode="after")
-    def _one_form(self):
-        if self.messages is not None:
-            if self.prompt is not None or self.response is not None:
-                raise ValueError("send either messages or prompt + response, not both")
-            if self.messages[-1].role != "assistant":
-                raise ValueError("the last message must be the assistant's response (role 'assistant')")
-            if not self.messages[-1].content:
-                raise ValueError("the response (the last message's content) is empty")
-            return self
-        if self.prompt is None:
-            raise ValueError("field 'prompt' is required (or send messages)")
-        if self.response is None:
-            raise ValueError("field 'response' is required (or send messages)")
-        if not self.response:
-            raise ValueError("the response is empty")
-        return self
+
+def _check_item(i: int, item: ScoreItem) -> None:
+    at = f"items[{i}]"
+    if item.messages is not None:
+        if item.prompt is not None or item.response is not None:
+            raise ApiError(422, at, "send either messages or prompt + response, not both")
+        if len(item.messages) < 2 or item.messages[-1].role != "assistant":
+            raise ApiError(422, f"{at}.messages", "needs at least one turn before the response and the response "
+                           "as the last message (role 'assistant')")
+        if not item.messages[-1].content:
+            raise ApiError(422, f"{at}.messages[{len(item.messages) - 1}].content", "the response is empty")
+        return
+    if item.prompt is None:
+        raise ApiError(422, f"{at}.prompt", "field required (a string), or send messages instead")
+    if item.response is None:
+        raise ApiError(422, f"{at}.response", "field required (a string)")
+    if not item.response:
+        raise ApiError(422, f"{at}.response", "the response is empty")
 
 
 class ScoreRequest(BaseModel):
@@ -197,7 +199,10 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
         try:
             return encoder.encode(prompts, responses, truncate, fields)
         except ItemTooLong as err:
-            raise ApiError(413, err.field, str(err)) from None
+            field = err.field
+            if err.prompt_only and field.endswith(".response"):
+                field = field[: -len(".response")] + ".prompt"
+            raise ApiError(413, field, str(err)) from None
 
     @app.post("/v1/score")
     async def score(request: Request):
@@ -208,6 +213,7 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
         req = _validate(ScoreRequest, body)
         prompts, responses, fields = [], [], []
         for i, item in enumerate(req.items):
+            _check_item(i, item)
             if item.messages is not None:
                 try:
                     prompts.append(encoder.render_messages([m.model_dump() for m in item.messages[:-1]]))

@@ -31,7 +31,7 @@ class ItemTooLong(ValueError):
     """An item does not fit the model's sequence length (and the request did not ask for truncation)."""
 
     def __init__(self, index: int, field: str, tokens: int, limit: int, prompt_only: bool):
-        self.index, self.field, self.tokens, self.limit = index, field, tokens, limit
+        self.index, self.field, self.tokens, self.limit, self.prompt_only = index, field, tokens, limit, prompt_only
         what = "the prompt alone" if prompt_only else "prompt + response + EOS"
         hint = "" if prompt_only else "; send \"truncate\": true to cut the response instead"
         super().__init__(f"{what} is {tokens} tokens, over the model's sequence length {limit}{hint}")
