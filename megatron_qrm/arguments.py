@@ -130,17 +130,18 @@ def add_training_args(p: argparse.ArgumentParser, unit: str) -> None:
     add_failure_args(g)
 
 
-def add_packing_args(p: argparse.ArgumentParser) -> None:
-    """Sequence packing (data/packing.py; README \"Packed sequences\"): train-rm and train-sft."""
+def add_packing_args(p: argparse.ArgumentParser, group_by_length: bool = True) -> None:
+    """Sequence packing (data/packing.py; README \"Packed sequences\"): train-rm, train-sft and the RL updates."""
     g = p.add_argument_group("sequence packing")
     g.add_argument("--no-pack-sequences", action="store_true",
                    help="pad each micro-batch to its longest sequence instead of packing sequences into "
                         "THD streams (packing is on by default; it needs SDPA or Transformer Engine attention)")
     g.add_argument("--pack-tokens", type=int,
-                   help="tokens per packed micro-batch (default: --micro-batch-size x sequences per sample x "
-                        "--seq-length, the memory plan's micro-batch)")
-    g.add_argument("--group-by-length", action="store_true",
-                   help="with --no-pack-sequences: length-sorted micro-batches within each global batch")
+                   help="tokens per packed micro-batch (default: the padded micro-batch's size: --micro-batch-size "
+                        "x sequences per sample x --seq-length; RL updates: x the rollout's padded length)")
+    if group_by_length:
+        g.add_argument("--group-by-length", action="store_true",
+                       help="with --no-pack-sequences: length-sorted micro-batches within each global batch")
 
 
 def add_failure_args(g) -> None:

@@ -290,3 +290,18 @@ def test_train_rm_packed_resume_is_exact(e2e, kind):
     uninterrupted = losses(out / f"{kind}_packed")
     resumed = losses(out / f"{kind}_exit")
     assert max(abs(resumed[s] - uninterrupted[s]) for s in range(1, E2E_STEPS + 1)) <= 1e-6
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("role", ["policy", "critic"])
+def test_ppo_update_packed_equals_padded(results, layout, role):
+    padded, packed = results[layout]["rl"][f"{role}_padded"], results[layout]["rl"][f"{role}_packed"]
+    assert packed["n_micro"] >= 2 and padded["n_micro"] == 3
+    assert padded["sums"]["tokens"] == packed["sums"]["tokens"] > 0
+    for k in padded["sums"]:
+        assert abs(padded["sums"][k] - packed["sums"][k]) <= TOL * max(1.0, abs(padded["sums"][k])), k
+    assert padded["grads"].keys() == packed["grads"].keys()
+    for k in padded["grads"]:
+        assert padded["grads"][k].abs().max() > 0 or "embedding" in k, f"{k}: zero gradient"
+        torch.testing.assert_close(packed["grads"][k], padded["grads"][k], atol=TOL, rtol=0, msg=k)

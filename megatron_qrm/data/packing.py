@@ -100,7 +100,8 @@ def pack_collated(batch: dict[str, torch.Tensor], pad_id: int, pad_to_multiple: 
 
     Args:
         batch: a :func:`~megatron_qrm.data.preference.collate_sequences` batch -- ``tokens``, ``labels``
-            ``[N, S]`` and the masks -- plus any per-sample entries (kept as they are). The sequence
+            (optional) ``[N, S]`` and the masks -- plus any per-sample or ``[N, S]`` entries (kept as they are,
+            for the loss). The sequence
             length of row ``i`` is taken from ``seq_lengths`` ``[N]`` when present, else from the masks
             (the last response position + 1).
         pad_id: id of the padding tokens appended to reach a multiple of ``pad_to_multiple``.
@@ -135,9 +136,10 @@ def pack_collated(batch: dict[str, torch.Tensor], pad_id: int, pad_to_multiple: 
 
     bounds = [0] + lengths.cumsum(0).tolist() + ([total] if extra else [])
     out = dict(batch)
+    if "labels" in batch:
+        out["labels"] = stream(batch["labels"], pad_id)
     out.update(
         tokens=stream(tokens, pad_id),
-        labels=stream(batch["labels"], pad_id),
         position_ids=torch.cat([cols.expand(n, s)[valid], torch.arange(extra)])[None],
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
         max_seqlen=torch.tensor(max(int(lengths.max()), extra), dtype=torch.long),

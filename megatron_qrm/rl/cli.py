@@ -6,7 +6,7 @@ import argparse
 
 
 def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
-    from megatron_qrm.arguments import add_logging_args, add_parallel_args
+    from megatron_qrm.arguments import add_logging_args, add_packing_args, add_parallel_args
 
     name = "train-ppo" if algo == "ppo" else "train-reinforce"
     doc = ("PPO of a policy with token-level rewards (Q-RM: A_t = Z_std - beta*KL - V, no GAE)" if algo == "ppo"
@@ -45,6 +45,7 @@ def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--stop-token-ids", default="", help="comma-separated extra stop ids (EOS always stops)")
     g.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix at every step (debugging)")
+    add_packing_args(p, group_by_length=False)
     g = p.add_argument_group("advantages and losses")
     if algo == "ppo":
         g.add_argument("--advantage", choices=("qrm", "qrm-reference", "gae"),
@@ -131,6 +132,7 @@ def run_rl(args, algo: str) -> int:
         transformer_impl=args.transformer_impl, local_attention=getattr(args, "local_attention", "auto"),
         value_clip=getattr(args, "value_clip", None),
         max_nonfinite_steps=args.max_nonfinite_steps, allow_tokenizer_change=args.allow_tokenizer_change,
+        pack_sequences=not args.no_pack_sequences, pack_tokens=args.pack_tokens,
     )
     if ppo is False:
         cfg.kl_coef = 0.0  # REINFORCE (as the paper's): no reference model, no critic

@@ -50,6 +50,8 @@ from megatron_qrm.rl.experience import (
 )
 from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
 from megatron_qrm.rl.rollout import Rollout, SamplingConfig, generate
+from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
+from megatron_qrm.data.packing import unsupported_reason
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.errors import NonFiniteError
 from megatron_qrm.training.engine import (
@@ -58,7 +60,6 @@ from megatron_qrm.training.engine import (
     build_optimizer,
     reduce_metric_sums,
     run_global_batch,
-    to_device,
     wrap_ddp,
 )
 from megatron_qrm.training.metrics_log import MetricsLogger
@@ -118,6 +119,10 @@ class RLConfig:
     transformer_impl: str = "auto"
     local_attention: str = "auto"  # local spec core attention: sdpa | unfused
     max_nonfinite_steps: int = 3  # skipped non-finite update steps in a row before the run stops
+    # actor/critic updates on packed sequences (rl/update_batching.py): micro-batches of up to pack_tokens
+    # tokens (default micro_batch_size x the rollout's padded length), no padding computed
+    pack_sequences: bool = True
+    pack_tokens: Optional[int] = None
     allow_tokenizer_change: bool = False
 
 
@@ -567,19 +572,13 @@ class RLTrainer:
             order = np.random.RandomState(cfg.parallel.seed + 7919 * self.state.iteration + epoch).permutation(n)
             for s in range(0, n, per_step):
                 rows = order[s:s + per_step]
-                micro = []
-                for m in range(0, len(rows), cfg.micro_batch_size):
-                    idx = torch.as_tensor(rows[m:m + cfg.micro_batch_size])
-                    micro.append({k: exp[k][idx] for k in keys if exp.get(k) is not None})
+                capacity = None
+                if cfg.pack_sequences and not unsupported_reason(model):
+                    capacity = cfg.pack_tokens or cfg.micro_batch_size * exp["tokens"].shape[1]
+                micro = update_microbatches(exp, rows, keys, cfg.micro_batch_size, self.tokenizer.pad_id, capacity)
                 model.zero_grad_buffer()
                 optimizer.zero_grad()
-
-                def forward_step(data_iterator, mdl):
-                    batch = to_device(next(data_iterator))
-                    out = mdl(batch["tokens"], batch["position_ids"], attention_mask=None)
-                    return out, lambda output: loss_fn(output, batch)
-
-                outs = run_global_batch(model, forward_step, micro, forward_only=False)
+                outs = run_global_batch(model, update_forward_step(loss_fn), micro, forward_only=False)
                 sums = reduce_metric_sums(outs, names)
                 label = "actor" if model is self.roles.actor else "critic"
                 if not self.guards[label].allow_step(self.state.iteration + 1, sums[names[0]], model, label=label):

@@ -159,6 +159,53 @@ def sft_step(ddp, optimizer, pairs) -> list[dict]:
     return res
 
 
+def make_rollout(seed: int, rows: int = 6, length: int = 32) -> dict[str, torch.Tensor]:
+    """A right-padded rollout as the RL trainer holds it: prompt + generated response per row, per-token
+    old log-probs, advantages, returns and values on the generated positions."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(2, 8, (rows,), generator=g)
+    response = torch.randint(1, length - 8, (rows,), generator=g)
+    response[0] = length - int(prompt[0])  # one row fills the buffer
+    cols = torch.arange(length)
+    real = cols[None] < (prompt + response)[:, None]
+    action = (cols[None] >= prompt[:, None]) & real
+    rnd = lambda: torch.randn(rows, length, generator=g) * action  # noqa: E731
+    return {"tokens": torch.where(real, torch.randint(4, VOCAB, (rows, length), generator=g), 0),
+            "position_ids": cols.expand(rows, length).contiguous(), "action_mask": action.float(),
+            "logp_old": -torch.rand(rows, length, generator=g) * action - 3.0 * action, "advantages": rnd(),
+            "returns": rnd(), "values": rnd(), "prompt_lens": prompt, "response_lens": response}
+
+
+def rl_update_step() -> dict:
+    """One PPO actor and one critic forward+backward on a rollout: padded vs packed micro-batches."""
+    from types import SimpleNamespace
+
+    from megatron_qrm.rl.trainer import RLTrainer
+    from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
+
+    stub = SimpleNamespace(cfg=SimpleNamespace(algo="ppo", clip_eps=0.2, entropy_coef=0.01, value_clip=0.2),
+                           tokenizer=SimpleNamespace(vocab_size=VOCAB - 7))  # a padded vocabulary tail too
+    exp = make_rollout(9)
+    keys = ("tokens", "position_ids", "action_mask", "logp_old", "advantages", "returns", "values")
+    rows = [4, 1, 0, 5, 2, 3]
+    res = {}
+    for role, loss, names in (("policy", RLTrainer._actor_loss, ("policy_loss_sum", "tokens", "entropy_sum")),
+                              ("critic", RLTrainer._critic_loss, ("value_loss_sum", "tokens"))):
+        torch.manual_seed(3)
+        model = build_model(MODEL, role, local_attention="sdpa")
+        optim = OptimConfig(lr=1e-3)
+        ddp = wrap_ddp(model, optim)
+        optimizer, _ = build_optimizer(ddp, optim, train_iters=10)
+        for mode, capacity in (("padded", None), ("packed", 48)):
+            micro = update_microbatches(exp, rows, keys, 2, PAD, capacity)
+            ddp.zero_grad_buffer()
+            optimizer.zero_grad()
+            outs = run_global_batch(ddp, update_forward_step(lambda o, b: loss(stub, o, b)), micro, forward_only=False)
+            res[f"{role}_{mode}"] = {"sums": reduce_metric_sums(outs, names), "grads": full_tensors(ddp, "main_grad"),
+                                     "n_micro": len(micro)}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=("init", "run"))
@@ -195,6 +242,7 @@ def main() -> None:
             if name in ("dpo", "dpo_lora"):
                 res["sft"] = sft_step(ddp, optimizer, pairs)
         results[name] = res
+    results["rl"] = rl_update_step()
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(args.dir, f"{args.tag}.pt"))
     parallel.destroy()
