@@ -43,6 +43,7 @@ from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -354,7 +355,8 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
     error: Optional[BaseException] = None
     try:
         _write_checkpoint(tmp, model, optimizer, scheduler, train_state, extra_files)
-    except Exception as e:  # noqa: BLE001 - mapped to a message naming the cause; the .tmp is removed
+    # torch.distributed.checkpoint reports a rank's write failure as CheckpointException, a BaseException
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - mapped to a message naming the cause
         error = e
     failed = torch.tensor([0.0 if error is None else 1.0])
     if dist.get_world_size() > 1:
@@ -438,7 +440,7 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
         request["rng_state"] = _rng_sharded_object()
     try:
         loaded = dist_checkpointing.load(request, ckpt)
-    except Exception:
+    except (Exception, CheckpointException):
         if not _is_complete(ckpt):  # removed (e.g. pruned by a trainer's --keep-last) after it was chosen
             raise FileNotFoundError(f"checkpoint {ckpt} was removed while it was being loaded (a running "
                                     "trainer's --keep-last pruning it?); run again to use the newest") from None

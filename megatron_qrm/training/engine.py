@@ -206,6 +206,7 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.first_bad: Optional[int] = None
         self.skipped_total = 0
+        self.last_loss_finite = True  # the model's latest forward gave a finite loss
         self.zero_norm_run = 0
         self._collapse_warned = False
         self._faults = _fault_steps()
@@ -219,6 +220,7 @@ class NonFiniteGuard:
                 g.fill_(float("nan"))
         grads_ok = all(bool(torch.isfinite(g).all()) for g in grad_buffers(ddp))
         loss_ok = math.isfinite(loss)
+        self.last_loss_finite = loss_ok  # the reduced loss: the same value on every rank
         if not _any_rank(not (grads_ok and loss_ok)):
             self.consecutive, self.first_bad = 0, None
             return True

@@ -80,12 +80,12 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
 
 def _save_unless_diverging(save: Callable[[], None], guard: NonFiniteGuard, iteration: int, saved_at: int,
                            logger: MetricsLogger) -> int:
-    """Save, unless the latest step(s) were not finite: weights can be finite yet give NaN losses (after a
-    huge update), so a model whose last evaluation was not finite never becomes ``latest``. Returns the
-    iteration of the newest checkpoint."""
-    if guard.consecutive:
-        logger.message(f"iteration {iteration}: not saving: the last {guard.consecutive} step(s) were not finite "
-                       f"(since iteration {guard.first_bad}); `latest` keeps the previous checkpoint")
+    """Save, unless the model's latest loss was not finite: weights can be finite yet give NaN losses (after
+    a huge update), and such a model never becomes ``latest``. (A step skipped for NaN gradients under a
+    finite loss left the weights as they were: they are saved.) Returns the newest checkpoint's iteration."""
+    if not guard.last_loss_finite:
+        logger.message(f"iteration {iteration}: not saving: the model's loss is not finite (since iteration "
+                       f"{guard.first_bad}); `latest` keeps the previous checkpoint")
         return saved_at
     save()
     return iteration

@@ -111,6 +111,8 @@ def resolve_model_and_tokenizer(cfg: RewardTrainConfig) -> tuple[ModelConfig, st
             saved = checkpointing.read_config(path)
             if cfg.model is not None:  # size flags that contradict the checkpoint: fail before any model
                 checkpointing.check_size_flags(cfg.model, saved, f"{flag} {path}")
+                if not cfg.model.vocab_size:  # the checkpoint's embedding rows, whatever the tokenizer
+                    cfg.model.vocab_size = int(saved["model"].get("vocab_size") or 0)
             break
     model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
     if model_cfg is None:

@@ -101,6 +101,8 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
             saved, saved_from = checkpointing.read_config(path), path
             if cfg.model is not None:  # size flags that contradict the checkpoint: fail before any model
                 checkpointing.check_size_flags(cfg.model, saved, f"{flag} {path}")
+                if not cfg.model.vocab_size:  # the checkpoint's embedding rows, whatever the tokenizer
+                    cfg.model.vocab_size = int(saved["model"].get("vocab_size") or 0)
             break
     model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
     if model_cfg is None:
