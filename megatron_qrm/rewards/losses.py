@@ -16,8 +16,12 @@ rows ``0..B-1`` are the chosen responses and rows ``B..2B-1`` the rejected ones 
   log-probs (DPO) live on these positions.
 
 A pair is *valid* iff both of its sides contain at least one response token. Invalid pairs contribute 0
-to every sum and are not counted. (The reference implementation skips pairs whose chosen response is
-empty; requiring both sides generalises that rule — a side with no tokens has no defined score.)
+to every sum and are not counted, in every loss here. The reference differs per loss
+(qrm-method.md sections 1.3 and 2.1): its mean-score Q-RM skips a pair whose chosen response is empty (then
+the rejected one is empty too), its last-token ORM skips a pair with an empty side, but its DPO-RM (standard
+DPO) skips nothing: a side without response tokens enters with a log-prob sum of 0. Here that DPO pair is
+skipped as well, since an empty side carries no preference. (The data loader already drops pairs with an
+empty response text; an empty side only arises when truncation leaves no response token.)
 
 All functions are vectorised over the batch; there is no Python loop over pairs. Losses are computed in
 float32 (inputs are up-cast) because bf16 scores would make ``logsigmoid`` of small margins too coarse.
@@ -265,7 +269,8 @@ def dpo_loss(
     """DPO-RM loss (qrm-method.md section 2.1, "DPO-RM"; sums over tokens, no label smoothing).
 
     Sequence credit ``s = beta * (sum_p label_mask * policy_logps - ref_logps_sum)``; per-pair loss
-    ``l = -log sigmoid(s_w - s_l)``.
+    ``l = -log sigmoid(s_w - s_l)``. A pair with an empty side is skipped (not counted); the reference's
+    DPO keeps it, with that side's log-prob sum 0 (see the module docstring).
 
     Args:
         policy_logps: ``[2B, S]`` with ``policy_logps[:, p] = log pi(labels[:, p] | tokens[:, :p+1])``.
