@@ -28,7 +28,7 @@ from megatron_qrm.data.packing import (
     unpack,
 )
 from megatron_qrm.data.preference import TokenizedPair, collate_pairs
-from megatron_qrm.models.packed_attention import packed_causal_attention
+from megatron_qrm.models.packed_attention import packed_causal_attention, varlen_layout
 
 WORKER = os.path.join(REPO, "tests", "workers", "packing_worker.py")
 CASES = ("qrm", "orm", "dpo", "qrm_lora", "orm_lora", "dpo_lora")
@@ -160,6 +160,10 @@ def test_packed_attention_equals_attention_per_sequence(groups):
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     psp = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9, max_seqlen_kv=9)
     out = packed_causal_attention(q, k, v, psp, softmax_scale=d ** -0.5, enable_gqa=False)
+    # lengths 9, 7 | 5 | 3 | 1 fall in 4 length buckets (a bucket takes sequences >= 0.7 x its longest)
+    layout = varlen_layout(psp, "cpu")
+    assert [(n, length) for _, n, length in layout.buckets] == [(2, 9), (1, 5), (1, 3), (1, 1)]
+    assert layout.padded_position.unique().numel() == t and layout.size == 2 * 9 + 5 + 3 + 1
     # reference: softmax attention written out, one sequence at a time
     rep = heads // groups
     expect = []

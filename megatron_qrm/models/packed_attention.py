@@ -7,13 +7,16 @@ restarting at each ``cu_seqlens`` boundary). Transformer Engine runs that layout
 kernels; megatron-core's own ``DotProductAttention`` refuses it. :func:`packed_causal_attention` is the
 local spec's answer (called from :class:`~megatron_qrm.models.attention.SDPAttention`).
 
-How: the packed stream is scattered into a zero ``[n_seq, max_seqlen]`` view (each sequence
-left-aligned, right padding; ``index_copy`` at distinct positions), fused ``scaled_dot_product_attention``
-runs causal on it, and the real positions are gathered back (``index_select``). Right padding is exact under a causal mask: a real query at position ``i``
-only sees keys ``0..i``, all real; the padded rows are discarded (their gradient is zero). Compared with
-one SDPA over a block-diagonal ``[t, t]`` boolean mask this costs ``n_seq * max_seqlen^2`` instead of
-``t^2`` score entries and uses the causal fast path (no mask tensor); compared with a Python loop over
-sequences it is one kernel call per layer. See ``benchmarks/bench_packing.py`` for the measurements.
+How: the sequences are sorted into a few length buckets (a sequence joins a bucket when it is at least
+:data:`BUCKET_RATIO` of the bucket's longest); the packed stream is scattered into one zero buffer holding a
+``[n_b, L_b]`` view per bucket (each sequence left-aligned, right-padded to its bucket's longest;
+``index_copy`` at distinct positions), fused ``scaled_dot_product_attention`` runs causal on each view, and
+the real positions are gathered back (``index_select``). Right padding is exact under a causal mask: a
+real query at position ``i`` only sees keys ``0..i``, all real; the padded rows are discarded (their
+gradient is zero). Compared with one SDPA over a block-diagonal ``[t, t]`` boolean mask this costs at most
+about twice ``sum(len_i^2)`` instead of ``t^2`` score entries and uses the causal fast path (no mask
+tensor); compared with a Python loop over sequences it is a few kernel calls per layer (one per length
+bucket). ``benchmarks/bench_packing.py`` measures the packed training step.
 
 The gather layout depends only on ``cu_seqlens``; it is built once per micro-batch and cached on the
 ``PackedSeqParams`` object, so the layers share it.
@@ -33,32 +36,53 @@ from megatron.core.packed_seq_params import PackedSeqParams
 _LAYOUT_ATTR = "_qrm_varlen_layout"
 
 
+#: A sequence joins the current length bucket when it is at least this share of the bucket's longest one:
+#: each bucket pads to its own longest sequence, so no score matrix is more than (1 / 0.7)^2 ~ 2x its
+#: sequence's own, and a micro-batch of lengths spanning 5x needs about 5 SDPA calls per layer.
+BUCKET_RATIO = 0.7
+
+
 @dataclass
 class VarlenLayout:
-    """Where each packed token goes in the padded ``[n_seq, max_seqlen]`` view.
+    """Where each packed token goes in the padded views, one ``[n_b, L_b]`` view per length bucket.
 
     Attributes:
-        n_seq, max_seqlen: the padded view's shape.
-        padded_position: LongTensor ``[t]``: flat index (``seq * max_seqlen + pos``) of each packed token in
-            the padded view; distinct, so scattering with ``index_copy`` and gathering back with
-            ``index_select`` are both plain copies (their backward passes too; no accumulation).
+        buckets: ``(offset, n_b, L_b)`` per bucket: its rows start at ``offset`` of the concatenated flat
+            buffer (``sum n_b * L_b`` rows); each of its ``n_b`` sequences is left-aligned, right-padded to ``L_b``.
+        padded_position: LongTensor ``[t]``: row of each packed token in that flat buffer; distinct, so
+            scattering with ``index_copy`` and gathering back with ``index_select`` are plain copies (their
+            backward passes too; no accumulation).
+        size: rows of the flat buffer.
     """
 
-    n_seq: int
-    max_seqlen: int
+    buckets: list[tuple[int, int, int]]
     padded_position: Tensor
+    size: int
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: Tensor, device) -> "VarlenLayout":
-        cu = cu_seqlens.to(device=device, dtype=torch.long)
-        lengths = cu[1:] - cu[:-1]  # [n]
-        if bool((lengths < 0).any()):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
-        n = lengths.numel()
-        max_len = max(int(lengths.max()), 1) if n else 1
-        seq_of_token = torch.repeat_interleave(torch.arange(n, device=device), lengths)  # [t]
-        pos_in_seq = torch.arange(int(cu[-1]), device=device) - cu[:-1][seq_of_token]  # [t]
-        return cls(n_seq=n, max_seqlen=max_len, padded_position=seq_of_token * max_len + pos_in_seq)
+    def from_cu_seqlens(cls, cu_seqlens: Tensor, device, ratio: float = BUCKET_RATIO) -> "VarlenLayout":
+        cu = cu_seqlens.to(dtype=torch.long, device="cpu")
+        lengths = (cu[1:] - cu[:-1]).tolist()  # host copy: the bucket shapes are Python ints anyway
+        if any(n < 0 for n in lengths):
+            raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        buckets, members, row_start = [], [], [0] * len(lengths)
+        offset = 0
+        for i in order:  # longest first; a new bucket when a sequence is much shorter than the bucket's first
+            if not members or lengths[i] < ratio * lengths[members[0]]:
+                if members:
+                    buckets.append((offset, len(members), max(lengths[members[0]], 1)))
+                    offset += len(members) * max(lengths[members[0]], 1)
+                members = []
+            row_start[i] = offset + len(members) * max(lengths[members[0]] if members else lengths[i], 1)
+            members.append(i)
+        if members:
+            buckets.append((offset, len(members), max(lengths[members[0]], 1)))
+            offset += len(members) * max(lengths[members[0]], 1)
+        starts = torch.tensor(row_start, dtype=torch.long)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+        pos_in_seq = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
+        return cls(buckets=buckets, padded_position=(starts[seq_of_token] + pos_in_seq).to(device), size=offset)
 
 
 def varlen_layout(packed_seq_params: PackedSeqParams, device) -> VarlenLayout:
@@ -96,21 +120,26 @@ def packed_causal_attention(query: Tensor, key: Tensor, value: Tensor, packed_se
     layout = varlen_layout(packed_seq_params, query.device)
     if layout.padded_position.numel() != t:
         raise ValueError(f"cu_seqlens cover {layout.padded_position.numel()} tokens but the packed stream has {t}")
-    n, length, where = layout.n_seq, layout.max_seqlen, layout.padded_position
+    where = layout.padded_position
 
-    def padded(x: Tensor) -> Tensor:  # [t, heads, hn] -> [n, heads, L, hn], zeros beyond each sequence
-        buf = x.new_zeros(n * length, x.shape[1], hn).index_copy(0, where, x)
-        return buf.view(n, length, x.shape[1], hn).transpose(1, 2)
+    def flat(x: Tensor) -> Tensor:  # [t, heads, hn] -> [rows, heads, hn], zeros on every bucket's padding
+        return x.new_zeros(layout.size, x.shape[1], hn).index_copy(0, where, x)
 
-    q, k, v = padded(query), padded(key), padded(value)
+    q_all, k_all, v_all = flat(query), flat(key), flat(value)
     kwargs = {}
-    if k.shape[1] != np_:
-        if enable_gqa:
-            kwargs["enable_gqa"] = True
-        else:
-            k = k.repeat_interleave(np_ // k.shape[1], dim=1)
-            v = v.repeat_interleave(np_ // v.shape[1], dim=1)
-    context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=softmax_scale,
-                                             **kwargs)  # [n, np, L, hn]
-    context = context.transpose(1, 2).reshape(n * length, np_ * hn)
-    return context.index_select(0, where)
+    groups = key.shape[1]
+    if groups != np_ and enable_gqa:
+        kwargs["enable_gqa"] = True
+    contexts = []
+    for offset, n, length in layout.buckets:  # a few length buckets per micro-batch, not one call per sequence
+        def view(x: Tensor) -> Tensor:  # -> [n, heads, L, hn]
+            return x[offset:offset + n * length].view(n, length, x.shape[1], hn).transpose(1, 2)
+
+        q, k, v = view(q_all), view(k_all), view(v_all)
+        if groups != np_ and not enable_gqa:
+            k = k.repeat_interleave(np_ // groups, dim=1)
+            v = v.repeat_interleave(np_ // groups, dim=1)
+        context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=softmax_scale,
+                                                 **kwargs)  # [n, np, L, hn]
+        contexts.append(context.transpose(1, 2).reshape(n * length, np_ * hn))
+    return torch.cat(contexts).index_select(0, where)
