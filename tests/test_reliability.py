@@ -543,3 +543,90 @@ def test_metrics_hold_each_step_once_after_two_kills(qrm_data, tiny_flags, tmp_p
     resumed, reference = losses(save), losses(tmp_path / "full")
     assert resumed.keys() == reference.keys()
     assert all(abs(resumed[s] - reference[s]) <= 1e-6 for s in reference), (resumed, reference)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RL
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_rl_stops_before_any_update_on_nonfinite_rollout_tensors():
+    """``RLTrainer._check_finite`` names the iteration and every non-finite tensor (single process)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from megatron_qrm.errors import NonFiniteError
+    from megatron_qrm.rl.trainer import RLTrainer
+
+    fake = SimpleNamespace(state=SimpleNamespace(iteration=6))
+    ok = {"logp_old": torch.zeros(2, 3), "credits": torch.ones(2, 3), "advantages": torch.ones(2, 3)}
+    RLTrainer._check_finite(fake, ok)
+    bad = dict(ok, credits=torch.tensor([[0.0, float("nan"), 1.0], [1.0, 1.0, 1.0]]),
+               returns=torch.tensor([[float("inf")] * 3] * 2))
+    with pytest.raises(NonFiniteError, match=r"iteration 7: non-finite credits, returns in the rollout"):
+        RLTrainer._check_finite(fake, bad)
+
+
+def test_reinforce_orm_reference_form_is_broadcast_reward_over_token_sigma():
+    """--no-reward-centering with an ORM: R broadcast to the actions, divided by the population std over those
+    tokens (2 + 1 actions: sigma of [1, 1, 4] = sqrt(2)), no mean subtracted; the default standardises over
+    the 2 sequences instead: (R - 2.5) / 1.5."""
+    import torch
+
+    from megatron_qrm.rl import advantages as adv
+
+    seq = torch.tensor([1.0, 4.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    reference = adv.orm_token_rewards(seq, mask, last_token_only=False, normalize=True)
+    s = 2.0 ** 0.5
+    assert torch.allclose(reference, torch.tensor([[1 / s, 1 / s, 0.0], [4 / s, 0.0, 0.0]]))
+    standardised = adv.reinforce_returns_orm(seq, mask)
+    assert torch.allclose(standardised, torch.tensor([[-1.0, -1.0, 0.0], [1.0, 0.0, 0.0]]))
+
+
+@pytest.fixture(scope="module")
+def rl_attacks(qrm_data, tiny_flags, tmp_path_factory):
+    d = tmp_path_factory.mktemp("reliability_rl")
+    rm = ["train-rm", "--train-data", qrm_data.pairs, "--tokenizer", qrm_data.tokenizer, *tiny_flags,
+          "--micro-batch-size", "8", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3",
+          "--no-tensorboard"]
+    rl = ["--actor-checkpoint", d / "actor", "--reward-model", d / "qrm", "--prompt-data", qrm_data.pairs,
+          "--seq-length", "64", "--max-new-tokens", "16", "--rollout-batch-size", "8", "--global-batch-size", "8",
+          "--micro-batch-size", "4", "--forward-micro-batch-size", "4", "--no-tensorboard"]
+    commands = [
+        {"name": "actor", "argv": [*rm, "--reward-loss", "dpo", "--save", d / "actor"]},
+        {"name": "qrm", "argv": [*rm, "--save", d / "qrm"]},
+        {"name": "ppo_lr20", "argv": ["train-ppo", *rl, "--lr", "1e20", "--train-iters", "4", "--save", d / "ppo20"]},
+        {"name": "reinforce_nan", "argv": ["train-reinforce", *rl, "--lr", "1e-3", "--train-iters", "3",
+                                           "--max-nonfinite-steps", "1", "--save", d / "rf"],
+         "env": {"QRM_FAULT_NONFINITE_STEPS": "2"}},
+        {"name": "reinforce_resume", "argv": ["train-reinforce", *rl, "--lr", "1e-3", "--train-iters", "3",
+                                              "--load", d / "rf", "--save", d / "rf"]},
+    ]
+    return {"dir": d, "results": _run_driver(d, commands)}
+
+
+def test_ppo_huge_lr_stops_before_the_diverged_update(rl_attacks, tmp_path):
+    """`train-ppo --lr 1e20`: iteration 1's update ruins the actor; iteration 2 stops (exit 3) before any update,
+    naming itself, instead of torch's `probability tensor contains either inf, nan` (or an update on NaNs)."""
+    r = rl_attacks["results"]
+    assert r["actor"]["rc"] == 0 and r["qrm"]["rc"] == 0
+    assert r["ppo_lr20"]["rc"] == 3, r["ppo_lr20"]["stderr"][-3000:]
+    line = _error_line(r["ppo_lr20"], "train-ppo")
+    assert line.startswith("qrm train-ppo: error: iteration 2:") and "before any update" in line
+    save = rl_attacks["dir"] / "ppo20" / "actor"
+    assert _latest(save) == "iter_0000001"
+    assert _weights_finite(str(save / "iter_0000001"), tmp_path)[0] == 0
+
+
+def test_reinforce_nonfinite_step_stops_naming_the_iteration_and_resumes(rl_attacks):
+    r = rl_attacks["results"]
+    assert r["reinforce_nan"]["rc"] == 3, r["reinforce_nan"]["stderr"][-3000:]
+    line = _error_line(r["reinforce_nan"], "train-reinforce")
+    assert "iteration 2: actor loss or gradients not finite for 1 optimizer steps in a row since iteration 2" in line
+    assert f"{rl_attacks['dir']}/rf/actor/iter_0000001" in r["reinforce_nan"]["stdout"]
+    assert r["reinforce_resume"]["rc"] == 0, r["reinforce_resume"]["stderr"][-3000:]
+    assert f"resumed from {rl_attacks['dir']}/rf/actor/iter_0000001 at iteration 1" in r["reinforce_resume"]["stdout"]
+    assert _latest(rl_attacks["dir"] / "rf" / "actor") == "iter_0000003"
+    assert sorted(_metrics(rl_attacks["dir"] / "rf")) == [1, 2, 3]
