@@ -58,8 +58,8 @@ def model_config_from_args(args) -> Optional[ModelConfig]:
 
 def add_parallel_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", "-pp", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true", help="bf16 params/compute (GPU). Default: bf16 on GPU, fp32 on CPU")
@@ -81,6 +81,10 @@ def use_bf16(args) -> bool:
     return args.bf16 or (torch.cuda.is_available() and not args.fp32)
 
 
+CHAT_TEMPLATE_HELP = ("render prompts with the tokenizer's chat template (default: on when the tokenizer has "
+                      "one, or as the checkpoint records)")
+
+
 def add_data_args(p: argparse.ArgumentParser, data_flag: str, required: bool) -> None:
     g = p.add_argument_group("data")
     g.add_argument(data_flag, dest="data_path", required=required,
@@ -90,8 +94,8 @@ def add_data_args(p: argparse.ArgumentParser, data_flag: str, required: bool) ->
     g.add_argument("--instruction-field", default="instruction")
     g.add_argument("--chosen-field", default="chosen")
     g.add_argument("--rejected-field", default="rejected")
-    g.add_argument("--chat-template", action="store_true", default=None,
-                   help="render prompts with the tokenizer's chat template")
+    g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help=CHAT_TEMPLATE_HELP)
     g.add_argument("--skip-long-prompts", action="store_true",
                    help="skip (and count) pairs whose prompt alone exceeds --seq-length instead of failing")
     g.add_argument("--data-split", default="train", help="split, for a `datasets` source")
@@ -209,3 +213,28 @@ def setup_logging() -> None:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
     # megatron-core logs every parameter and its optimizer config at INFO; keep its warnings only
     logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def show_defaults_once(parser: argparse.ArgumentParser) -> None:
+    """Make ``--help`` show every option's default exactly once, for ``parser`` and its subcommands.
+
+    ArgumentDefaultsHelpFormatter appends "(default: ...)" only to options that have a help string, and
+    appends it even when the help already states the default ("(default: = heads) (default: None)"). Here
+    the default goes into the help string itself, unless the help already mentions one or the default says
+    nothing (None / False), and the parsers then use the plain formatter.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                show_defaults_once(sub)
+            continue
+        if (not action.option_strings or action.help == argparse.SUPPRESS
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            continue
+        text = action.help or ""
+        if ("%(default)" not in text and "default" not in text.lower()
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text = f"{text} (default: %(default)s)".strip()
+        action.help = text or None
+    if issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+        parser.formatter_class = argparse.HelpFormatter

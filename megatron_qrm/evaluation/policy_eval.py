@@ -9,7 +9,9 @@ tasks (e.g. the demo's) register theirs in :mod:`megatron_qrm.evaluation.tasks`.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,12 +20,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm.data import PromptDataConfig, PromptDataset
+from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.evaluation.tasks import Judge, register_task, task_judges
 from megatron_qrm.evaluation.passk import pass_at_k
 from megatron_qrm.rl.rollout import SamplingConfig, generate
 
 # the task registry lives in evaluation/tasks.py; re-exported here for existing callers
 __all__ = ["Judge", "register_task", "task_judges"]
+log = logging.getLogger("megatron_qrm")
 
 
 def _dp_slice(n: int) -> list[int]:
@@ -40,7 +44,10 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
 
 def generate_responses(model, tokenizer, dataset: PromptDataset, indices: list[int], sampling: SamplingConfig,
                        seq_length: int, batch_size: int, seed: int) -> list[str]:
+    """Decoded responses (EOS dropped) for ``indices``, generated ``batch_size`` at a time; logs progress
+    (prompts done, new tokens per second) after each batch: a long evaluation is not silent."""
     out: list[str] = []
+    start, new_tokens = time.perf_counter(), 0
     for c in range(0, len(indices), batch_size):
         chunk = indices[c:c + batch_size]
         r = generate(model, [dataset.prompt_ids(i) for i in chunk], sampling, eos_id=tokenizer.eos_id,
@@ -48,6 +55,11 @@ def generate_responses(model, tokenizer, dataset: PromptDataset, indices: list[i
         for j in range(len(chunk)):
             ids = [t for t in r.response_ids(j) if t != tokenizer.eos_id]
             out.append(tokenizer.decode(ids))
+        new_tokens += int(r.response_lens.sum())
+        elapsed = time.perf_counter() - start
+        log.info("generated %d/%d responses%s, %d new tokens, %.1f tokens/s", len(out), len(indices),
+                 " (this data-parallel rank's share)" if ps.get_data_parallel_world_size() > 1 else "",
+                 new_tokens, new_tokens / max(elapsed, 1e-9))
     return out
 
 
@@ -68,6 +80,7 @@ def evaluate_pass_at_1(model, tokenizer, data: str, task: str, *, seq_length: in
             row[name], row[f"{name}_parsable"] = judge(text, ds.labels[i] or "")
         rows.append(row)
     rows = _gather_rows(rows)
+    warn_if_mostly_empty([r["response"] for r in rows], chat_template)
     result = {"eval_prompts": float(len(rows))}
     for name in judges:
         result[f"pass@1_{name}"] = float(np.mean([r[name] for r in rows])) if rows else 0.0
@@ -79,6 +92,17 @@ def evaluate_pass_at_1(model, tokenizer, data: str, task: str, *, seq_length: in
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     return result
+
+
+def warn_if_mostly_empty(responses: list[str], chat_template: bool) -> None:
+    """Warn when more than half of an evaluation's responses are empty (each counts as unparsable): the
+    usual cause is a prompt format the model was not trained on, e.g. an instruct model without its
+    chat template, whose first greedy token is then the end of turn."""
+    empty = sum(not r.strip() for r in responses)
+    if responses and empty * 2 > len(responses):
+        hint = ("the chat template is off: an instruct model usually needs it (--chat-template)" if not chat_template
+                else "the chat template is on: a base model may need --no-chat-template")
+        log.warning("%d of %d responses are empty (each counted as unparsable); %s", empty, len(responses), hint)
 
 
 @dataclass
@@ -125,7 +149,7 @@ def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
     model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.bf16))
     checkpointing.load_checkpoint(ckpt, model, load_rng=False, model_key_filter=lambda k: ".lora." not in k)
     seq_length = cfg.seq_length or saved.get("seq_length", 1024)
-    chat = saved.get("chat_template", False) if cfg.chat_template is None else cfg.chat_template
+    chat = resolve_chat_template(cfg.chat_template, tokenizer, saved)
     greedy_dump = cfg.output
     result = evaluate_pass_at_1(model, tokenizer, cfg.data, cfg.task, seq_length=seq_length, chat_template=chat,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,

@@ -4,8 +4,10 @@ optionally every response token's credit (token text + score) for inspection."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -16,11 +18,14 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
+from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import lora_disabled
 from megatron_qrm.rewards.scoring import RewardLossConfig, reference_logps_forward_step, token_credit_forward_step
 from megatron_qrm.training.engine import run_global_batch
+
+log = logging.getLogger("megatron_qrm")
 
 
 @dataclass
@@ -68,7 +73,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     data_cfg = PreferenceDataConfig(
         path=cfg.data, instruction_field=cfg.instruction_field, chosen_field=cfg.chosen_field,
         rejected_field=cfg.rejected_field,
-        chat_template=saved.get("chat_template", False) if cfg.chat_template is None else cfg.chat_template,
+        chat_template=resolve_chat_template(cfg.chat_template, tokenizer, saved),
         seq_length=cfg.seq_length or saved.get("seq_length", 1024), skip_long_prompts=cfg.skip_long_prompts,
         split=cfg.split, max_pairs=cfg.max_pairs)
     dataset = PreferenceDataset(data_cfg, tokenizer)
@@ -91,11 +96,19 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     valid = torch.zeros(n, dtype=torch.float64)
     dumps: list[dict] = []
     step_fn = token_credit_forward_step(loss_cfg)
+    start, tokens_done, last_report = time.perf_counter(), 0, 0.0
     with torch.no_grad():
         for s in range(int(steps)):
+            # progress every ~10 s and at the end: a long evaluation is not silent
+            elapsed = time.perf_counter() - start
+            if s and (elapsed - last_report >= 10 or s == int(steps) - 1):
+                last_report = elapsed
+                log.info("eval-rm: %d/%d pairs%s, %.1f tokens/s", min(s * cfg.micro_batch_size, len(mine)), len(mine),
+                         " (this data-parallel rank's share)" if dp_size > 1 else "", tokens_done / elapsed)
             real = s < len(chunks)
             idx = chunks[s] if real else (chunks[0][:1] if chunks else [0])
             batch = collate_pairs([dataset[i] for i in idx], tokenizer.pad_id, pad_multiple, indices=idx)
+            tokens_done += int(batch["tokens"].numel()) if real else 0
             if loss_cfg.kind == "dpo":
                 batch.update(_reference_logps(model, reference, batch))
             outs = run_global_batch(model, step_fn, [batch], forward_only=True)

@@ -6,7 +6,7 @@ import argparse
 
 
 def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
-    from megatron_qrm.arguments import add_logging_args, add_packing_args, add_parallel_args
+    from megatron_qrm.arguments import CHAT_TEMPLATE_HELP, add_logging_args, add_packing_args, add_parallel_args
 
     name = "train-ppo" if algo == "ppo" else "train-reinforce"
     doc = ("PPO of a policy with token-level rewards (Q-RM: A_t = Z_std - beta*KL - V, no GAE)" if algo == "ppo"
@@ -32,7 +32,7 @@ def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
     g.add_argument("--prompt-data", required=True, help="RL prompts: jsonl/parquet/datasets with `instruction` (+`label`)")
     g.add_argument("--instruction-field", default="instruction")
     g.add_argument("--seq-length", type=int, default=1024, help="prompt + response tokens")
-    g.add_argument("--chat-template", action="store_true", default=False)
+    g.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None, help=CHAT_TEMPLATE_HELP)
     g.add_argument("--skip-long-prompts", action="store_true")
     g.add_argument("--max-prompts", type=int)
     g = p.add_argument_group("rollout")

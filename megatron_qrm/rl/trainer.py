@@ -33,6 +33,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import PromptDataConfig, PromptDataset, load_tokenizer
+from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import is_lora_param, lora_disabled
@@ -337,8 +338,8 @@ class RLTrainer:
             raise ValueError(f"--advantage {cfg.advantage} needs a Q-RM; the reward model is {self.rm_kind} "
                              f"(use --advantage gae)")
 
-        self.prompts = PromptDataset(dataclasses.replace(cfg.prompts, chat_template=actor_cfg.get(
-            "chat_template", cfg.prompts.chat_template) or cfg.prompts.chat_template), self.tokenizer)
+        self.prompts = PromptDataset(dataclasses.replace(cfg.prompts, chat_template=resolve_chat_template(
+            cfg.prompts.chat_template, self.tokenizer, actor_cfg)), self.tokenizer)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         if cfg.rollout_batch_size % self.dp_size:
             raise ValueError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by the "

@@ -19,6 +19,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
+from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.data.packing import pack_collated, plan_microbatches, rank_microbatches, unsupported_reason
 from megatron_qrm.data.sampler import GlobalBatchSampler
@@ -229,6 +230,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
         tokenizer_change = check_tokenizer_identity(
             saved, tokenizer, tokenizer_path, checkpoint=cfg.load if resuming else cfg.pretrained_checkpoint,
             model_vocab_size=model_cfg.vocab_size, allow_change=cfg.allow_tokenizer_change)
+    cfg.data = dataclasses.replace(cfg.data, chat_template=resolve_chat_template(cfg.data.chat_template, tokenizer, saved))
     dataset = PreferenceDataset(cfg.data, tokenizer)
     logger.message(f"data {cfg.data.path}: {dataset.stats}")
     if len(dataset) == 0:

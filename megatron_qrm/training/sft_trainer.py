@@ -16,6 +16,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import check_tokenizer_identity, load_tokenizer, pad_multiple_for
+from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.packing import pack_collated, packed_seq_params, rank_microbatches, unpack, unsupported_reason
 from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
@@ -127,6 +128,7 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
                            wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
                            total_steps=cfg.train_iters, desc="train-sft", run_config={"model": model_cfg.to_dict()},
                            supersede_after_start=True)
+    cfg.data = dataclasses.replace(cfg.data, chat_template=resolve_chat_template(cfg.data.chat_template, tokenizer, saved))
     dataset = SFTDataset(cfg.data, tokenizer)
     logger.message(f"data {cfg.data.path}: {dataset.stats}")
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
