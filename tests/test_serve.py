@@ -66,7 +66,7 @@ class Server:
     """``qrm serve`` in a subprocess of its own session (one process, or torchrun with ``nproc``)."""
 
     def __init__(self, args: list, nproc: int = 1, log_path=None):
-        self.port = free_port()
+        self.port, self.nproc = free_port(), nproc
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = ["-m", "megatron_qrm", "serve", *map(str, args), "--port", str(self.port)]
         if nproc > 1:
@@ -91,7 +91,8 @@ class Server:
             time.sleep(0.3)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         with open(self.log_path) as f:
             return f.read()
 
@@ -104,8 +105,11 @@ class Server:
             self.kill()
 
     def kill(self) -> None:
+        try:  # the session this test started: torchrun's workers too, even when torchrun has exited
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session this test started (torchrun's workers too)
             self.proc.wait(30)
         self._log.close()
 
@@ -379,13 +383,14 @@ def _sigterm_with_requests_in_flight(srv: Server, items: list[dict], n: int = 12
         text = httpx.get(srv.url + "/metrics", headers=AUTH, timeout=30).text
         if _metric(text, "qrm_requests_in_flight") >= n + 1:
             break
-        assert time.time() < deadline, "the requests never were in flight together"
+        assert time.time() < deadline, f"the requests never were in flight together: {_metric(text, 'qrm_requests_in_flight')} {[(type(a), getattr(a, 'status_code', a)) for a in answers]}"
         time.sleep(0.01)
     rc = srv.terminate()
     for t in threads:
         t.join(60)
-    assert rc == 0, srv.log()[-4000:]
-    assert "qrm serve: stopped" in srv.log()
+    # torchrun itself exits 1 on a SIGTERM (SignalException) after its workers have ended
+    assert rc == 0 or (srv.nproc > 1 and rc == 1), srv.log()[-4000:]
+    assert "qrm serve: stopped" in srv.log(), srv.log()[-4000:]
     return answers
 
 
@@ -394,7 +399,7 @@ def test_tp2_serving_equals_tp1_and_sigterm_answers_in_flight(trained, qrm_serve
     items = pair_items(qrm_data, dump)
     # a long wait bound keeps the SIGTERM test's requests queued while the signal arrives
     srv = Server(["--load", trained["dir"] / "qrm", "--tensor-model-parallel-size", "2", "--api-key", API_KEY,
-                  "--max-wait-ms", "400"], nproc=2, log_path=trained["dir"] / "qrm_tp2_serve.log")
+                  "--max-wait-ms", "3000"], nproc=2, log_path=trained["dir"] / "qrm_tp2_serve.log")
     try:
         tp2 = score(srv.url, items)
         tp1 = score(qrm_server.url, items)
@@ -413,7 +418,7 @@ def test_tp2_serving_equals_tp1_and_sigterm_answers_in_flight(trained, qrm_serve
 @pytest.mark.parametrize("name,kind", [("orm", "orm"), ("dpo_lora", "dpo")])
 def test_orm_and_dpo_checkpoints_and_sigterm(trained, qrm_data, name, kind):
     dump = trained["dumps"][name]
-    srv = Server(["--load", trained["dir"] / name, "--api-key", API_KEY, "--max-wait-ms", "400"],
+    srv = Server(["--load", trained["dir"] / name, "--api-key", API_KEY, "--max-wait-ms", "3000"],
                  log_path=trained["dir"] / f"{name}_serve.log")
     try:
         assert httpx.get(srv.url + "/health").json()["kind"] == kind

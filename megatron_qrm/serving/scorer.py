@@ -150,6 +150,7 @@ class RewardScorer:
             for group in groups:
                 batch = collate_sequences([rows[i][0] for i in group], [rows[i][1] for i in group],
                                           self.tokenizer.pad_id, self.pad_multiple)
+                batch["index"] = torch.arange(len(group))  # the forward steps pass it through
                 if self.kind == "dpo":
                     from megatron_qrm.evaluation.rm_eval import _reference_logps
 
