@@ -51,6 +51,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 
+from megatron_qrm import compat
 from megatron_qrm.errors import CheckpointWriteError, NonFiniteError
 
 CONFIG_FILE = "qrm_config.json"
@@ -248,13 +249,14 @@ def count_nonfinite(model) -> tuple[int, int, int]:
 
 def estimate_checkpoint_bytes(model_cfg, role: str, *, lora_rank: int = 0, bf16: bool = False,
                               with_optimizer: bool = True) -> int:
-    """Bytes of one checkpoint: weights (bf16 or fp32) plus, when training, Adam's two fp32 moments (and
-    bf16's fp32 master copy) of the trainable parameters. Vocabulary padding and metadata are ignored."""
+    """Bytes of one checkpoint: weights (bf16 or fp32, padded vocabulary) plus, when training, the optimizer
+    state megatron-core saves per trainable parameter: an fp32 copy of the parameter and Adam's two fp32
+    moments (12 bytes, in fp32 runs too). Metadata and RNG states (kilobytes) are ignored."""
     from megatron_qrm.planning.params import stage_parameters
 
     sp = stage_parameters(model_cfg, role, 1, 1, 0, lora_rank=lora_rank)
     weights = sp.total * (2 if bf16 else 4)
-    optim = sp.trainable * (12 if bf16 else 8) if with_optimizer else 0
+    optim = sp.trainable * 12 if with_optimizer else 0
     return weights + optim
 
 
@@ -341,7 +343,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
     final = os.path.join(save_dir, iter_dir_name(iteration))
     tmp = final + ".tmp"
     bad, total, trainable = count_nonfinite(model)
-    expected_bytes = total * 4 + (trainable * 8 if optimizer is not None else 0)
+    expected_bytes = total * 4 + (trainable * 12 if optimizer is not None else 0)  # see estimate_checkpoint_bytes
     if bad:
         marker = os.path.join(save_dir, LATEST_FILE)
         kept = open(marker).read().strip() if os.path.exists(marker) else "nothing"
@@ -397,6 +399,8 @@ def _write_checkpoint(tmp: str, model, optimizer, scheduler, train_state, extra_
     if train_state is not None:
         state["train_state"] = train_state.to_dict()
     dist_checkpointing.save(state, tmp, sharded_strategy=SyncTorchDistSaveStrategy())
+    if dist.get_rank() == 0:
+        compat.write_legacy_common_state(tmp)  # megatron-core 0.16 can then load what 0.19 wrote
     if extra_files and ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0:
         for name, obj in extra_files.items():
             if obj is not None:

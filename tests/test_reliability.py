@@ -630,3 +630,26 @@ def test_reinforce_nonfinite_step_stops_naming_the_iteration_and_resumes(rl_atta
     assert f"resumed from {rl_attacks['dir']}/rf/actor/iter_0000001 at iteration 1" in r["reinforce_resume"]["stdout"]
     assert _latest(rl_attacks["dir"] / "rf" / "actor") == "iter_0000003"
     assert sorted(_metrics(rl_attacks["dir"] / "rf")) == [1, 2, 3]
+
+
+def test_checkpoint_size_estimate_and_free_space_preflight(attacks, monkeypatch):
+    """The estimate matches the bytes of a real checkpoint (weights + fp32 parameter copy + Adam moments)
+    within 10 %; a file system with less free space than that fails the pre-flight naming --save."""
+    from megatron_qrm import checkpointing
+    from megatron_qrm.config import ModelConfig
+
+    ckpt = attacks["dir"] / "base" / "iter_0000006"
+    with open(ckpt / "qrm_config.json") as f:
+        model = ModelConfig.from_dict(json.load(f)["model"])
+    on_disk = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(ckpt) for n in names)
+    estimate = checkpointing.estimate_checkpoint_bytes(model, "reward")
+    assert 0.9 <= estimate / on_disk <= 1.1, (estimate, on_disk)
+
+    class Usage:
+        free = estimate // 2
+
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(ValueError, match=r"--save .*: no space left on device for one checkpoint: needed ~.* GB, "
+                                         r"free .* GB"):
+        checkpointing.preflight_save_dir(str(attacks["dir"] / "roomless"), "--save", estimate)
+    checkpointing.preflight_save_dir(str(attacks["dir"] / "roomy"), "--save", estimate // 4)
