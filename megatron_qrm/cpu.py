@@ -6,7 +6,7 @@ else, so tests and the CPU demo can run the real GPTModel, schedules, DDP and Di
 * ``torch.cuda.current_device()`` -> the CPU device (used as a ``device=`` argument everywhere);
 * tensors created with ``device="cuda"`` (pipeline schedules, p2p shape exchange) -> CPU, through a
   global ``TorchFunctionMode`` that rewrites the ``device`` argument of factory functions;
-* ``Tensor.cuda()`` -> identity;
+* ``Tensor.cuda()`` -> identity; ``torch.cuda.current_stream()`` -> a stream whose waits are no-ops;
 * the CUDA RNG state tracker -> a tracker holding CPU generator states (same fork/add API);
 * the optimizers' ``param.type() == 'torch.cuda.FloatTensor'`` checks -> CPU tensors report the
   CUDA type name;
@@ -110,6 +110,22 @@ def _cpu_model_parallel_seed(seed: int, *args, **kwargs) -> None:
     tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 100 + ps.get_expert_model_parallel_rank())
 
 
+class _CpuStream:
+    """What ``torch.cuda.current_stream()`` returns on CPU: work is synchronous, so waits are no-ops."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_CPU_STREAM = _CpuStream()
+
+
 @functools.lru_cache(maxsize=32)
 def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -125,6 +141,7 @@ def enable() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.cuda.current_device = lambda: _CPU
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM  # 0.19 DDP grad sync waits on it
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.empty_cache = lambda *a, **k: None
     torch.Tensor.cuda = lambda self, *a, **k: self

@@ -74,6 +74,9 @@ def install_orphan_guards() -> None:
 def initialize(par: ParallelConfig) -> None:
     """Initialise torch.distributed (env:// from torchrun, or a 1-process group) and Megatron groups."""
     install_orphan_guards()
+    from megatron_qrm import compat
+
+    compat.install_log_filters()
     if not use_cuda():
         from megatron_qrm import cpu
 
