@@ -1,7 +1,7 @@
 """Rollout throughput with the KV cache vs full recomputation, and the phase shares of a PPO iteration.
 
-Part 1 samples the same prompts with the same seed twice from one model: with megatron-core's static KV
-cache (one new position per step) and with full recomputation of the prefix at every step
+Part 1 samples the same prompts with the same seed twice from one model: with the sampler's KV cache
+(``megatron_qrm.models.kv_decode``: one prefill, then one new position per step) and with full recomputation of the prefix at every step
 (``SamplingConfig(use_kv_cache=False)``), checks that both produce the same tokens, and reports generated
 tokens/s and their ratio. Full recomputation costs O(n^2) positions per sequence against O(n), so the gap
 grows with the response length; use a long generation (default 256 new tokens).

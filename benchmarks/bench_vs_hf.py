@@ -20,8 +20,9 @@ Work measured:
   HF: ``LlamaForCausalLM.generate(do_sample=False)`` (its default dynamic cache).
 * ``mixed``: the same at ``--batch`` with prompt lengths spread uniformly over ``--mixed-lens`` (HF: left
   padding with an attention mask, as HF recommends for batched generation).
-* ``long_*``: per-token decode time at ``--long-new-tokens`` against ``--new-tokens`` (batch
-  ``--long-batch``): a step's cost should not grow with the cache beyond attention itself.
+* ``long_short`` / ``long_long``: per-token decode time at ``--long-new-tokens`` against
+  ``--short-new-tokens`` (batch ``--long-batch``): a step's cost should not grow with the cache beyond
+  attention itself.
 
 Greedy tokens are compared token by token (they must be identical; the LM head is scaled so that the
 random model's logits are not flat and float noise cannot flip an argmax). ``--profile`` runs one more
@@ -49,7 +50,7 @@ sys.path.insert(0, REPO)
 KINDS = ("train", "greedy_b1", "greedy_bN", "mixed", "long_short", "long_long")
 QUICK = dict(num_layers=2, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=704,
              vocab_size=2048, pairs=2, seq_length=256, batch=8, prompt_len=32, new_tokens=32,
-             mixed_lens="8,32", long_batch=4, long_new_tokens=256, repeats=5, warmup=1)
+             mixed_lens="8,32", long_batch=4, long_new_tokens=256, short_new_tokens=32, repeats=5, warmup=1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mixed-lens", default="16,64", help="min,max prompt length of the mixed batch")
     ap.add_argument("--long-batch", type=int, default=8, help="batch of the long-decode measurement")
     ap.add_argument("--long-new-tokens", type=int, default=512)
+    ap.add_argument("--short-new-tokens", type=int, default=64, help="the long_short measurement's new tokens")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of EACH side (they run in turns)")
@@ -123,7 +125,9 @@ def prompts_for(args, kind: str) -> list[list[int]]:
 
 
 def new_tokens_for(args, kind: str) -> int:
-    return args.long_new_tokens if kind == "long_long" else args.new_tokens
+    if kind.startswith("long_"):
+        return args.long_new_tokens if kind == "long_long" else args.short_new_tokens
+    return args.new_tokens
 
 
 def train_batch(args):
@@ -309,7 +313,7 @@ class Worker:
         argv = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model-dir", args.model_dir]
         for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                   "vocab_size", "pairs", "seq_length", "batch", "prompt_len", "new_tokens", "mixed_lens",
-                  "long_batch", "long_new_tokens", "threads", "seed", "local_attention"):
+                  "long_batch", "long_new_tokens", "short_new_tokens", "threads", "seed", "local_attention"):
             argv += ["--" + k.replace("_", "-"), str(getattr(args, k))]
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                    PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
@@ -428,10 +432,10 @@ def main(argv=None) -> int:
                 w.close()
     if "long_short" in results and "long_long" in results:
         for s in ("project", "hf"):
-            short = results["long_short"][s]["median_s"] / args.new_tokens
+            short = results["long_short"][s]["median_s"] / args.short_new_tokens
             long = results["long_long"][s]["median_s"] / args.long_new_tokens
             results[f"decode_growth_{s}"] = long / short
-            print(f"{s}: per-token decode time at {args.long_new_tokens} new tokens / at {args.new_tokens}: "
+            print(f"{s}: per-token decode time at {args.long_new_tokens} new tokens / at {args.short_new_tokens}: "
                   f"{long / short:.2f}x")
     summary = {k: round(v["ratio_median"], 3) for k, v in results.items() if isinstance(v, dict) and "ratio_median" in v}
     print("ratios project/HF (median, >1 = project faster):", json.dumps(summary))

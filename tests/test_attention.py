@@ -8,6 +8,8 @@ in ONE torchrun launch (``tests/workers/decode_worker.py``):
   padding + attention mask) and to the project's full-recompute path, at every layout;
 * the recorded behaviour log-probs equal a teacher-forced full forward (megatron-core's) within 1e-5, and
   HF's within 1e-4;
+* with LoRA adapters attached (random B), KV cache == full recomputation at every layout, and the adapters
+  change the tokens (their hooks run in the decoder);
 * SDPA core attention vs megatron-core's DotProductAttention: the same Q-RM loss and gradients within 1e-5
   (TP=1 and TP=2);
 * temperature-1 sampling under TP=2 (vocabulary never gathered: per-rank Gumbel-max, and per-rank top-k
@@ -135,6 +137,15 @@ def test_greedy_tokens_match_hf_generate_and_full_recompute(decoded, name):
         hf_lp = hf_model(input_ids=tokens).logits.float().log_softmax(-1)[:, :-1].gather(-1, tokens[:, 1:, None])
     assert torch.allclose(recorded, hf_lp.squeeze(-1)[mask], atol=1e-4, rtol=0)
     assert recorded.max() < -1e-3 and recorded.min() > -20  # real probabilities, not saturated ones
+
+
+@pytest.mark.dist
+def test_lora_adapters_act_in_the_kv_cache_decoder(decoded):
+    for layout, res in decoded["results"].items():
+        lora, base = res["llama31"]["lora"], res["llama31"]["kv"]
+        assert torch.equal(lora["kv"]["tokens"], lora["full"]["tokens"]), layout
+        assert torch.allclose(lora["kv"]["logprobs"], lora["full"]["logprobs"], atol=1e-5, rtol=0), layout
+        assert not torch.equal(lora["kv"]["tokens"], base["tokens"]), layout
 
 
 @pytest.mark.dist

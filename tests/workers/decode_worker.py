@@ -7,7 +7,9 @@ For each layout of ``LAYOUTS`` (tp1 = DP 2, tp2, pp2) and each imported HF model
 * (first model, tp1 and tp2) temperature-1 samples of one token after one prompt, many rows (plain and
   top-k), with a different seed per layout, and (tp1) the exact next-token distribution;
 * (tp1, tp2) the Q-RM loss and every gradient of a reward model with SDPA core attention and with
-  megatron-core's DotProductAttention, same weights and batch.
+  megatron-core's DotProductAttention, same weights and batch;
+* (first model, every layout) the same greedy sampling with LoRA adapters (rank 4, random B) attached:
+  KV cache vs full recomputation (the adapters' forward hooks must run in the decoder too).
 
 Rank 0 writes everything to ``out`` (torch.save).
 """
@@ -35,6 +37,30 @@ def _load(name: str, ckpt: str):
     checkpointing.load_checkpoint(ckpt, model, load_rng=False)
     model.eval()
     return model, cfg
+
+
+def _lora_case(ckpt: str, prompts, max_new: int, vocab: int, max_length: int) -> dict:
+    import torch
+
+    from megatron_qrm import checkpointing
+    from megatron_qrm.config import ModelConfig
+    from megatron_qrm.models import LoRAConfig, build_model
+    from megatron_qrm.rl.rollout import SamplingConfig, generate
+
+    cfg = ModelConfig.from_dict(checkpointing.read_config(ckpt)["model"])
+    model = build_model(cfg, "policy", lora=LoRAConfig(rank=4))
+    checkpointing.load_checkpoint(ckpt, model, load_rng=False, model_key_filter=lambda k: ".lora." not in k)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_b"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    out = {}
+    for kv in (True, False):
+        r = generate(model, prompts, SamplingConfig(temperature=0.0, max_new_tokens=max_new, use_kv_cache=kv),
+                     eos_id=EOS_NEVER, pad_id=0, vocab_size=vocab, max_length=max_length, seed=0)
+        out["kv" if kv else "full"] = {"tokens": r.tokens, "logprobs": r.logprobs}
+    return out
 
 
 def _teacher_forced(model, tokens, vocab: int):
@@ -127,6 +153,8 @@ def main() -> None:
                     r["stat_logits"] = logits
                 if pp == 1:
                     res["sdpa_vs_unfused"] = _sdpa_vs_unfused(cfg)
+            if i == 0:
+                r["lora"] = _lora_case(ckpt, prompts, max_new, vocab, job["max_length"])
             res[name] = r
         dist.barrier()
     if dist.get_rank() == 0:
