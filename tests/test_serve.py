@@ -554,10 +554,12 @@ def test_verl_manager_retokenizes_for_another_policy_tokenizer(qrm_server, polic
     single = [asyncio.run(manager.run_single(_Batch({k: v[i:i + 1] for k, v in tensors.items()})))
               for i in range(len(VERL_RESPONSES))]
     stacked = QRMRewardManager.assemble_rm_scores(_Batch(tensors), [s["reward_score"] for s in single])
-    torch.testing.assert_close(stacked, reward)
+    torch.testing.assert_close(stacked, reward, atol=1e-5, rtol=0)  # batched alone vs together: float order
 
 
 def test_verl_dataproto_if_verl_is_importable(qrm_server, policy_tokenizer):
+    import torch
+
     verl = pytest.importorskip("verl", reason="verl is not installed (pip install verl pulls ray, wandb, and "
                                "transformers<5.11); the adapter is tested against its documented contract above")
     from megatron_qrm.serving.verl_adapter import QRMRewardManager
@@ -570,4 +572,5 @@ def test_verl_dataproto_if_verl_is_importable(qrm_server, policy_tokenizer):
     assert reward.shape == data.batch["responses"].shape
     assert (reward == reference).all()
     single = [asyncio.run(manager.run_single(data[i:i + 1])) for i in range(len(data))]
-    assert (QRMRewardManager.assemble_rm_scores(data, [s["reward_score"] for s in single]) == reward).all()
+    stacked = QRMRewardManager.assemble_rm_scores(data, [s["reward_score"] for s in single])
+    torch.testing.assert_close(stacked, reward, atol=1e-5, rtol=0)  # batched alone vs together: float order
