@@ -265,6 +265,13 @@ def e2e(qrm_data, tiny_flags, qrm_batch, tmp_path_factory):
     results.update(zip(("qrm_resumed", "dpo_resumed"), qrm_batch(resumed)))
     dp2 = [[*common, "--reward-loss", k, "--save", str(out / f"{k}_dp2")] for k in ("qrm", "dpo")]
     results.update(zip(("qrm_dp2", "dpo_dp2"), qrm_batch(dp2, nproc=2)))
+    # train-sft on the pairs' chosen responses
+    sft = ["train-sft", "--train-data", qrm_data.pairs, "--response-field", "chosen", "--tokenizer",
+           qrm_data.tokenizer, *tiny_flags, *E2E_FLAGS, "--train-iters", str(E2E_STEPS)]
+    variants = {"sft_packed": [], "sft_padded": ["--no-pack-sequences"],
+                "sft_grouped": ["--no-pack-sequences", "--group-by-length"]}
+    results.update(zip(variants, qrm_batch([[*sft, *extra, "--save", str(out / name)]
+                                            for name, extra in variants.items()])))
     return out, results
 
 
@@ -309,3 +316,25 @@ def test_ppo_update_packed_equals_padded(results, layout, role):
     for k in padded["grads"]:
         assert padded["grads"][k].abs().max() > 0 or "embedding" in k, f"{k}: zero gradient"
         torch.testing.assert_close(packed["grads"][k], padded["grads"][k], atol=TOL, rtol=0, msg=k)
+
+
+@pytest.mark.dist
+def test_train_sft_packed_losses_equal_padded(e2e):
+    from conftest import losses
+
+    out, results = e2e
+    want = losses(out / "sft_padded")
+    assert sorted(want) == list(range(1, E2E_STEPS + 1))
+    for variant in ("sft_packed", "sft_grouped"):
+        got = losses(out / variant)
+        assert max(abs(got[s] - want[s]) for s in want) <= 1e-5, (variant, got, want)
+
+
+def test_pack_tokens_smaller_than_a_pair_is_a_clear_error(qrm_data, tiny_flags):
+    from launch import qrm
+
+    proc = qrm(["train-rm", "--train-data", qrm_data.pairs, "--tokenizer", qrm_data.tokenizer, *tiny_flags,
+                "--train-iters", "1", "--pack-tokens", "10"], check=False)
+    assert proc.returncode != 0
+    assert "qrm train-rm: error: --pack-tokens 10 is smaller than the longest pair of --train-data" in proc.stderr
+    assert "Traceback" not in proc.stderr

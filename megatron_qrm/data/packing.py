@@ -51,8 +51,8 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
     if capacity < 1:
         raise ValueError(f"packing capacity must be >= 1 token, got {capacity}")
     if sizes and max(sizes) > capacity:
-        raise ValueError(f"an item of {max(sizes)} tokens does not fit in a packed micro-batch of {capacity} "
-                         "tokens; raise the packing capacity")
+        raise ValueError(f"a sample of {max(sizes)} tokens does not fit in a packed micro-batch of {capacity} "
+                         "tokens; raise --pack-tokens")
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     bins: list[list[int]] = []
     room: list[int] = []

@@ -239,6 +239,10 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     dp_rank, dp_size = _dp_info()
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
+    longest_pair = int(dataset.sequence_lengths().sum(axis=1).max())
+    if cfg.pack_capacity() is not None and cfg.pack_capacity() < longest_pair:
+        raise ValueError(f"--pack-tokens {cfg.pack_capacity()} is smaller than the longest pair of --train-data "
+                         f"({longest_pair} tokens, chosen + rejected); raise it or leave it unset")
 
     # ---- pre-flight: --save / --log-dir writable, room for one checkpoint (before any model is built) ----
     checkpointing.preflight_save_dir(cfg.save, "--save", checkpointing.estimate_checkpoint_bytes(

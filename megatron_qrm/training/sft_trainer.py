@@ -134,6 +134,10 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
+    longest = int(dataset.sequence_lengths().max())
+    if cfg.pack_capacity() is not None and cfg.pack_capacity() < longest:
+        raise ValueError(f"--pack-tokens {cfg.pack_capacity()} is smaller than the longest example of --train-data "
+                         f"({longest} tokens); raise it or leave it unset")
     pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
 
     # pre-flight: --save / --log-dir writable, room for one checkpoint (before any model is built)
