@@ -209,10 +209,28 @@ def setup_logging() -> None:
                         format="[%(asctime)s] %(levelname)s %(message)s", datefmt="%H:%M:%S")
     import warnings
 
-    # megatron-core warns at import about missing TE/apex on every rank; the chosen spec is logged instead
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    # Known third-party warnings that every command printed and that say nothing actionable to a user of
+    # this project; the project's own warnings (logging, and warnings raised from megatron_qrm) still show.
+    for pattern in KNOWN_THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     # megatron-core logs every parameter and its optimizer config at INFO; keep its warnings only
     logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+#: message patterns (``re.match``) of the third-party warnings :func:`setup_logging` filters, and why
+KNOWN_THIRD_PARTY_WARNINGS = (
+    # megatron-core at import, on every rank: no TE/apex on this machine; the chosen layer spec is logged
+    r".*(Transformer Engine|Apex|apex).*",
+    # megatron-core's TransformerConfig: a default of its own ("full" cuda-graph scope) it then deprecates
+    r"full scope is deprecated",
+    # torch.distributed.checkpoint API that megatron-core's dist-checkpointing calls
+    r".*`load_state_dict` is deprecated",
+    r".*deprecating ShardedTensor",
+    # torch collectives renamed in torch 2.13 that megatron-core's distributed optimizer still calls
+    r"`torch\.distributed\.\w+` is deprecated",
+    # torch, when megatron-core's optimizer reads .grad of its non-leaf fp32 views
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+)
 
 
 def show_defaults_once(parser: argparse.ArgumentParser) -> None:

@@ -160,3 +160,26 @@ def test_mostly_empty_responses_warn(caplog, empty, total, warned):
     assert bool(msgs) is warned
     if warned:
         assert f"{empty} of {total} responses are empty" in msgs[0] and "--chat-template" in msgs[0]
+
+
+def test_a_plain_command_prints_no_third_party_noise(qrm_data, tiny_flags, tmp_path):
+    """A tiny `qrm train-rm` with Python's default warning filters (as a user's shell has): none of the
+    known third-party warnings, the layer spec and the CPU memory note once each, the project's own
+    messages kept."""
+    from launch import qrm
+
+    from megatron_qrm.arguments import KNOWN_THIRD_PARTY_WARNINGS
+
+    proc = qrm(["train-rm", "--train-data", qrm_data.pairs, "--tokenizer", qrm_data.tokenizer, *tiny_flags,
+                "--train-iters", "2", "--global-batch-size", "2", "--save", str(tmp_path / "rm"), "--no-tensorboard"],
+               env={"PYTHONWARNINGS": ""})
+    err = proc.stderr
+    for needle in ("Apex is not installed", "Transformer Engine and Apex", "full scope is deprecated",
+                   "`load_state_dict` is deprecated", "deprecating ShardedTensor", "not a leaf Tensor",
+                   "`torch.distributed.reduce_scatter_tensor` is deprecated"):
+        assert needle not in err, needle
+    assert len(KNOWN_THIRD_PARTY_WARNINGS) == 6
+    assert err.count("layer spec:") == 1, err
+    assert err.count("memory check: skipped on CPU") == 1, err
+    assert "chat template: off (the tokenizer has none)" in err  # the project's own start-up note
+    assert "Warning:" not in err, [line for line in err.splitlines() if "Warning:" in line]

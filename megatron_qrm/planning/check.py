@@ -65,6 +65,9 @@ def _resolve_impl(transformer_impl: str) -> str:
     return "te" if transformer_impl_available()[0] else "local"
 
 
+_cpu_note_logged: list[bool] = []
+
+
 def check_fits(model: ModelConfig, role: str, *, tensor_parallel: int, pipeline_parallel: int, world_size: int,
                micro_batch_size: int, seq_length: int, global_batch_size: Optional[int] = None, lora_rank: int = 0,
                bf16: bool = True, sequence_parallel: bool = False, recompute_granularity: Optional[str] = None,
@@ -99,7 +102,11 @@ def check_fits(model: ModelConfig, role: str, *, tensor_parallel: int, pipeline_
                f"kv cache {m.kv_cache / GiB:.1f}, logits {m.logits / GiB:.1f}, workspace {m.workspace / GiB:.1f}, "
                f"reserve {m.reserve / GiB:.1f})")
     if not on_gpu:
-        log.info("%s -- CPU run: for information only (as if on %s)", summary, GPUS[inp.gpu].name)
+        # one clearly labelled line per process: the numbers are a GPU estimate, nothing is checked on CPU
+        if not _cpu_note_logged:
+            _cpu_note_logged.append(True)
+            log.info("memory check: skipped on CPU (for reference, this run would need %.1f GiB per GPU on an %s; "
+                     "`qrm plan` gives the breakdown)", m.total / GiB, GPUS[inp.gpu].name)
         return plan
     log.info("%s of %.1f GiB", summary, total / GiB)
     if plan.fits:
