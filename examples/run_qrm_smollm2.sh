@@ -32,16 +32,16 @@ Flags (default / --quick):
   --out DIR              output folder (runs/smollm2)
   --data DIR             folder with gsm8k/{test_pairwise.jsonl,test.jsonl,train_prompts.jsonl.gz}
                          ($QRM_SHARED_DATA, else ../shared/data)
-  --rm-train-pairs N     training pairs for each reward model (all ~630 / 32)
-  --rm-heldout-pairs N   held-out pairs evaluated (all ~160 / 32)
-  --rm-iters N           reward-model optimizer steps (150 / 8)
-  --rm-batch N           pairs per reward-model step (4 / 4)
-  --rm-seq-length N      tokens of prompt + response for the reward models (384 / 256)
+  --rm-train-pairs N     training pairs for each reward model (all ~630 / 16)
+  --rm-heldout-pairs N   held-out pairs evaluated (all ~160 / 24)
+  --rm-iters N           reward-model optimizer steps (150 / 4)
+  --rm-batch N           pairs per reward-model step (4 / 2)
+  --rm-seq-length N      tokens of prompt + response for the reward models (384 / 192)
   --lora-rank N          LoRA rank of the reward models (16 / 8)
   --rm-lr X              reward-model learning rate (1e-4 / 1e-4)
   --rl-iters N           PPO and REINFORCE iterations each (4 / 1)
   --rollout-batch N      prompts per RL iteration (16 / 4)
-  --max-new-tokens N     response tokens in RL and evaluation (192 / 64)
+  --max-new-tokens N     response tokens in RL and evaluation (192 / 48)
   --eval-prompts N       GSM8K test prompts for Pass@1 (100 / 16)
   --quick                the second column
 EOF
@@ -54,8 +54,8 @@ RL_ITERS=4 ROLLOUT=16 MAX_NEW=192 EVAL_PROMPTS=100
 args=("$@")
 for a in "${args[@]}"; do
     if [[ "$a" == "--quick" ]]; then
-        RM_TRAIN_PAIRS=32 RM_HELDOUT_PAIRS=32 RM_ITERS=8 RM_BATCH=4 RM_SEQ=256 LORA_RANK=8
-        RL_ITERS=1 ROLLOUT=4 MAX_NEW=64 EVAL_PROMPTS=16
+        RM_TRAIN_PAIRS=16 RM_HELDOUT_PAIRS=24 RM_ITERS=4 RM_BATCH=2 RM_SEQ=192 LORA_RANK=8
+        RL_ITERS=1 ROLLOUT=4 MAX_NEW=48 EVAL_PROMPTS=16
     fi
 done
 while (( $# )); do

@@ -100,15 +100,18 @@ def env(smollm2_hf, tmp_path_factory, qrm_batch):
           "--out", imports["tp1pp1"], "-tp", "1", "-pp", "1", "--no-progress"], 600, None, True, REPO)
     import_hf(smollm2_hf, imports["tp1pp2"], tp=1, pp=2, show_progress=False)
 
-    # one LoRA Q-RM step from the import, on two GSM8K pairs, then its token credits (one process)
+    # one LoRA Q-RM step from the import, on two GSM8K pairs, then its token credits (one process); no
+    # --chat-template: the import records that SmolLM2's tokenizer has one, so it is on by default
     rm, dump = str(root / "rm"), str(root / "credits.jsonl")
-    qrm_batch([
+    batch = qrm_batch([
         ["train-rm", "--pretrained-checkpoint", imports["tp1pp1"], "--train-data", str(pairs_file),
-         "--chat-template", "--seq-length", "160", "--lora-rank", "4", "--lr", "1e-3", "--train-iters", "1",
+         "--seq-length", "160", "--lora-rank", "4", "--lr", "1e-3", "--train-iters", "1",
          "--micro-batch-size", "1", "--global-batch-size", "2", "--save", rm, "--no-tensorboard",
          "--skip-memory-check"],
-        ["eval-rm", "--load", rm, "--data", str(pairs_file), "--chat-template", "--dump-token-scores", dump],
+        ["eval-rm", "--load", rm, "--data", str(pairs_file), "--dump-token-scores", dump],
     ])
+    assert json.loads(Path(imports["tp1pp1"], "iter_0000000", "qrm_config.json").read_text())["chat_template"] is True
+    assert "chat template: on" in batch[0]["stderr"]
 
     width = max(map(len, prompts))
     padded = [p + [tok.pad_id] * (width - len(p)) for p in prompts]  # right padding: causal, so harmless
