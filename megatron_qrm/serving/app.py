@@ -167,27 +167,6 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
     eos_texts = [tok.token_texts([tok.eos_id])[0], tok.token_texts([tok.pad_id])[0]]
     endpoints = {"/v1/score", "/get_reward", "/health", "/metrics"}
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        """API key check, and the request counters and latency of every answer."""
-        t0 = time.perf_counter()
-        path = request.url.path if request.url.path in endpoints else "other"
-        response = None
-        metrics.in_flight.inc()
-        try:
-            if limits.api_key and path != "/health":
-                given = request.headers.get("authorization", "")
-                if not secrets.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
-                    response = _error_response(401, "Authorization", "a valid 'Authorization: Bearer <key>' "
-                                               "header is required (--api-key)")
-                    return response
-            response = await call_next(request)
-            return response
-        finally:
-            metrics.in_flight.dec()
-            metrics.observe_request(path, response.status_code if response is not None else 500,
-                                    time.perf_counter() - t0)
-
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError):
         return _error_response(err.status, err.field, err.message)
@@ -239,6 +218,7 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
                 "score": sequence_score(kind, c),
                 "mean_credit": float(c.mean()),
                 "num_tokens": len(it.response_ids),
+                "prompt_tokens": len(it.prompt_ids),
                 "truncated": it.truncated,
                 "response_text": sp.response_text,
                 "token_ids": it.response_ids,
@@ -282,4 +262,40 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
     async def prometheus():
         return Response(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    app.add_middleware(GuardMiddleware, metrics=metrics, api_key=limits.api_key, endpoints=endpoints)
     return app
+
+
+class GuardMiddleware:
+    """ASGI middleware (plain, no per-request task or stream: it sits on every request's path): the bearer
+    key check (every path but ``/health``), and the request counters, errors and latency of every answer."""
+
+    def __init__(self, app, metrics: ServerMetrics, api_key: Optional[str], endpoints: set[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        path = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = 500
+
+        async def send_status(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            if self.expected is not None and path != "/health":
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                if not secrets.compare_digest(given, self.expected):
+                    response = _error_response(401, "Authorization", "a valid 'Authorization: Bearer <key>' "
+                                               "header is required (--api-key)")
+                    return await response(scope, receive, send_status)
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.observe_request(path, status, time.perf_counter() - t0)
