@@ -6,7 +6,9 @@ a policy and as a reward model. Two worker processes are started, one per side, 
 ``torch.set_num_threads``; the driver asks them for one measurement at a time, in turns (project, HF,
 project, HF, ...), so that the load of a shared machine hits both sides alike. Reported: median and min
 over ``--repeats`` after ``--warmup`` untimed runs, tokens/s of each side and project/HF ratios
-(> 1: the project is faster).
+(> 1: the project is faster) of the median wall times, of the minimum wall times and of the median process
+CPU times (less sensitive to other jobs on a shared machine). Before the timed runs of a sampling kind,
+one untimed run of each side produces the tokens that are compared.
 
 Work measured:
 
@@ -300,10 +302,11 @@ def worker(args) -> int:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
             out.write(json.dumps({"seconds": seconds, "profile": table}) + "\n")
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             result = fn()
-            seconds = time.perf_counter() - t0
-            out.write(json.dumps({"seconds": seconds, "output": result if req.get("return_output") else None}) + "\n")
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+            out.write(json.dumps({"seconds": seconds, "cpu_seconds": cpu,
+                                  "output": result if req.get("return_output") else None}) + "\n")
         out.flush()
     return 0
 
@@ -405,16 +408,21 @@ def main(argv=None) -> int:
                     for w in workers.values():
                         w.ask(kind)
                 times = {s: [] for s in workers}
+                cpu = {s: [] for s in workers}
                 for r in range(args.repeats):
                     order = ("project", "hf") if r % 2 == 0 else ("hf", "project")  # alternate who goes first
                     for s in order:
-                        times[s].append(workers[s].ask(kind)["seconds"])
+                        answer = workers[s].ask(kind)
+                        times[s].append(answer["seconds"])
+                        cpu[s].append(answer["cpu_seconds"])
                 n = tokens_of(args, kind)
-                res = {s: {"median_s": statistics.median(t), "min_s": min(t), "times": t,
+                res = {s: {"median_s": statistics.median(t), "min_s": min(t), "times": t, "cpu_times": cpu[s],
+                           "median_cpu_s": statistics.median(cpu[s]),
                            "tokens_per_s": n / statistics.median(t)} for s, t in times.items()}
                 res["tokens"] = n
                 res["ratio_median"] = res["hf"]["median_s"] / res["project"]["median_s"]
                 res["ratio_min"] = res["hf"]["min_s"] / res["project"]["min_s"]
+                res["ratio_cpu"] = res["hf"]["median_cpu_s"] / res["project"]["median_cpu_s"]
                 if ok is not None:
                     res["greedy_identical_rows"] = ok
                 results[kind] = res
@@ -422,7 +430,8 @@ def main(argv=None) -> int:
                 print(f"{kind:<11} project {res['project']['median_s']:8.3f}s (min {res['project']['min_s']:.3f})  "
                       f"HF {res['hf']['median_s']:8.3f}s (min {res['hf']['min_s']:.3f})  "
                       f"{res['project']['tokens_per_s']:9.1f} vs {res['hf']['tokens_per_s']:9.1f} tok/s  "
-                      f"ratio {res['ratio_median']:.2f}x (min-based {res['ratio_min']:.2f}x){same}  "
+                      f"ratio {res['ratio_median']:.2f}x (min-based {res['ratio_min']:.2f}x, CPU-time "
+                      f"{res['ratio_cpu']:.2f}x){same}  "
                       f"load {os.getloadavg()[0]:.2f}", flush=True)
                 if args.profile:
                     for s, w in workers.items():
