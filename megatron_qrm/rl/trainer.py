@@ -348,6 +348,9 @@ class RLTrainer:
         if n_seq % cfg.global_batch_size or cfg.global_batch_size % (cfg.micro_batch_size * self.dp_size):
             raise ValueError(f"--global-batch-size {cfg.global_batch_size} must divide the rollout "
                              f"({n_seq} sequences) and be a multiple of --micro-batch-size x data-parallel size")
+        if cfg.pack_sequences and cfg.pack_tokens is not None and cfg.pack_tokens < cfg.prompts.seq_length:
+            raise ValueError(f"--pack-tokens {cfg.pack_tokens} is smaller than --seq-length {cfg.prompts.seq_length} "
+                             "(a rollout row's longest); raise it or leave it unset")
         self.sampler = GlobalBatchSampler(len(self.prompts), cfg.rollout_batch_size,
                                           cfg.rollout_batch_size // self.dp_size, self.dp_rank, self.dp_size,
                                           seed=cfg.parallel.seed)
