@@ -213,7 +213,8 @@ def test_dataset_plain_prompts_match_reference(tmp_path, hf_tok, hf_ref, sp_tok,
     for tok, ref in ((hf_tok, hf_ref), (sp_tok, sp_ref)):
         ds = PreferenceDataset(PreferenceDataConfig(path=path, seq_length=1024), tok)
         assert as_tuples(ds) == expected_pairs(RECORDS, ref, 1024)
-        assert ds.stats == {"records": 4, "pairs": 4, "truncated": 0, "skipped_long_prompt": 0}
+        assert ds.stats == {"records": 4, "pairs": 4, "truncated": 0, "skipped_long_prompt": 0,
+                            "skipped_empty_response": 0, "skipped_identical": 0}
         assert ds.locations == [f"{path}:{i}" for i in range(1, 5)]
         assert ds[-1] == ds[3] and len(ds) == 4 and ds[1:3] == [ds[1], ds[2]]
         with pytest.raises(IndexError):
@@ -258,7 +259,7 @@ def test_truncation_keeps_prompt_and_cuts_response_end(tmp_path, hf_tok, hf_ref)
     seq_length = len(prompt) + 5  # room for 5 response tokens
     records = [
         {"instruction": instr, "chosen": long_resp, "rejected": short_resp},
-        {"instruction": instr, "chosen": short_resp, "rejected": short_resp},
+        {"instruction": instr, "chosen": short_resp, "rejected": "7"},  # (chosen == rejected would be skipped)
     ]
     path = write_jsonl(tmp_path / "trunc.jsonl", records)
     ds = PreferenceDataset(PreferenceDataConfig(path=path, seq_length=seq_length), hf_tok)
@@ -295,7 +296,8 @@ def test_long_prompt_is_an_error_or_skipped(tmp_path, hf_tok, hf_ref):
         PreferenceDataConfig(path=path, seq_length=seq_length, skip_long_prompts=True), hf_tok
     )
     assert len(ds) == 2
-    assert ds.stats == {"records": 3, "pairs": 2, "truncated": ds.stats["truncated"], "skipped_long_prompt": 1}
+    assert ds.stats == {"records": 3, "pairs": 2, "truncated": ds.stats["truncated"], "skipped_long_prompt": 1,
+                        "skipped_empty_response": 0, "skipped_identical": 0}
     assert ds.locations == [f"{path}:1", f"{path}:5"]
 
 
