@@ -171,7 +171,9 @@ def test_get_reward_openrlhf_format(trained, qrm_server, qrm_data):
     dump = trained["dumps"]["qrm"][:32]
     items = pair_items(qrm_data, dump)
     # OpenRLHF sends prompt + response as the policy decoded it, often with the EOS text left on
-    queries = [it["prompt"] + it["response"] + ("</s>" if k % 2 else "") for k, it in enumerate(items)]
+    # (decoded with special tokens: left padding, EOS, right padding)
+    queries = [("<pad>" * (k % 3)) + it["prompt"] + it["response"] + ("</s><pad>" if k % 2 else "")
+               for k, it in enumerate(items)]
     r = post(qrm_server.url, "/get_reward", {"query": queries, "prompts": [it["prompt"] for it in items],
                                              "labels": [""] * len(items)})
     assert r.status_code == 200, r.text
@@ -574,3 +576,19 @@ def test_verl_dataproto_if_verl_is_importable(qrm_server, policy_tokenizer):
     single = [asyncio.run(manager.run_single(data[i:i + 1])) for i in range(len(data))]
     stacked = QRMRewardManager.assemble_rm_scores(data, [s["reward_score"] for s in single])
     torch.testing.assert_close(stacked, reward, atol=1e-5, rtol=0)  # batched alone vs together: float order
+    # verl's own loader, configured as docs/serving.md says (reward.reward_manager.source=importlib)
+    from omegaconf import OmegaConf
+    from verl.trainer.ppo.reward import load_reward_manager
+
+    import megatron_qrm.serving.verl_adapter as adapter
+
+    cfg = OmegaConf.create({"reward": {"reward_manager": {"source": "importlib", "name": "QRMRewardManager",
+                                                          "module": {"path": adapter.__file__}},
+                                       "custom_reward_function": {"path": None}, "sandbox_fusion": None}})
+    os.environ["QRM_SERVER_URL"], os.environ["QRM_API_KEY"] = qrm_server.url, API_KEY
+    try:
+        loaded = load_reward_manager(cfg, policy_tokenizer)
+    finally:
+        del os.environ["QRM_SERVER_URL"], os.environ["QRM_API_KEY"]
+    assert type(loaded).__name__ == "QRMRewardManager"
+    torch.testing.assert_close(loaded(data), reward)

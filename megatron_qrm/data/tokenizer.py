@@ -34,6 +34,9 @@ _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 #: SentencePiece's leading-space handling and for multi-byte UTF-8 characters split over byte tokens.
 _TOKEN_TEXT_CONTEXT = 6
 
+#: Fewest texts :meth:`SentencePieceTokenizer.encode_batch` encodes in SentencePiece's multi-threaded call.
+_SP_THREADED_MIN = 32
+
 
 class Tokenizer:
     """Uniform tokenizer interface; use :func:`load_tokenizer` to get one.
@@ -202,6 +205,10 @@ class SentencePieceTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
+        if len(texts) < _SP_THREADED_MIN:
+            # a few texts (a served request): on this thread. SentencePiece's list call starts worker
+            # threads, which on a busy machine wait for a core while the caller (an event loop) blocks.
+            return [list(map(int, self._sp.encode(t, out_type=int))) for t in texts]
         # A list input is encoded by SentencePiece in one (multi-threaded) native call.
         return [list(map(int, ids)) for ids in self._sp.encode(list(texts), out_type=int)]
 

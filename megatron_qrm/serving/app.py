@@ -229,7 +229,8 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
             if std is not None:
                 row["standardized_credits"] = std[k].tolist()
             results.append(row)
-        return {"kind": kind, "checkpoint": info["checkpoint"], "results": results}
+        # plain JSON types already: JSONResponse skips FastAPI's jsonable_encoder walk over every number
+        return JSONResponse({"kind": kind, "checkpoint": info["checkpoint"], "results": results})
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
@@ -245,14 +246,14 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
             raise ApiError(422, "prompts", f"{len(req.prompts)} prompts for {len(req.query)} queries")
         responses = []
         for i, (q, p) in enumerate(zip(req.query, req.prompts)):
-            r = split_query(q, p, eos_texts)
+            r = split_query(q, p, eos_texts, strip_prefixes=eos_texts[1:])
             if r is None:
                 raise ApiError(422, f"query[{i}]", "does not start with prompts[{i}]".format(i=i))
             responses.append(r)
         prompts = [encoder.rendered_text(p) for p in req.prompts]
         items = encode(prompts, responses, req.truncate, [f"query[{i}]" for i in range(len(responses))])
         credits = await score_encoded(items)
-        return {"rewards": [sequence_score(kind, c) for c in credits]}
+        return JSONResponse({"rewards": [sequence_score(kind, c) for c in credits]})
 
     @app.get("/health")
     async def health():

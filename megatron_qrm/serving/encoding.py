@@ -152,17 +152,25 @@ def _ends_with_eos(item: EncodedItem, eos_id: int) -> bool:
     return not item.truncated and bool(item.response_ids) and item.response_ids[-1] == eos_id
 
 
-def split_query(query: str, prompt: str, strip_suffixes: Sequence[Optional[str]]) -> Optional[str]:
-    """OpenRLHF's ``query`` is prompt + response (+ EOS/pad text): the response part, or None when the
-    query does not start with the prompt. Trailing EOS/pad token texts are removed (the server adds EOS)."""
+def split_query(query: str, prompt: str, strip_suffixes: Sequence[Optional[str]],
+                strip_prefixes: Sequence[Optional[str]] = ()) -> Optional[str]:
+    """OpenRLHF's ``query`` is prompt + response as the policy decoded it, special tokens kept (left
+    padding, EOS, right padding): the response part, or None when the query does not start with the
+    prompt. Leading ``strip_prefixes`` texts (pad) and trailing ``strip_suffixes`` texts (EOS, pad) are
+    removed first (the server appends its own EOS)."""
+    query = _strip(query, [s for s in strip_prefixes if s], leading=True)
     if not query.startswith(prompt):
         return None
-    response = query[len(prompt):]
-    suffixes = [s for s in strip_suffixes if s]
+    return _strip(query[len(prompt):], [s for s in strip_suffixes if s], leading=False)
+
+
+def _strip(text: str, pieces: list[str], leading: bool) -> str:
     changed = True
     while changed:
         changed = False
-        for s in suffixes:
-            if response.endswith(s):
-                response, changed = response[: -len(s)], True
-    return response
+        for s in pieces:
+            if leading and text.startswith(s):
+                text, changed = text[len(s):], True
+            elif not leading and text.endswith(s):
+                text, changed = text[: -len(s)], True
+    return text
