@@ -72,7 +72,9 @@ def serve(cfg: ServeConfig) -> int:
                      ServeLimits(cfg.max_body_bytes, cfg.max_items, cfg.api_key), info)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                                            access_log=False, timeout_graceful_shutdown=cfg.graceful_timeout_s,
-                                           lifespan="off"))
+                                           # clients keep connections between RL steps; uvicorn's 5 s default
+                                           # closes them under a client about to reuse one (a ReadError there)
+                                           timeout_keep_alive=75, lifespan="off"))
 
     def http() -> None:
         try:
