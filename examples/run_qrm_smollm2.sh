@@ -21,6 +21,7 @@
 #      the Q-RM on GSM8K training prompts; Pass@1 of each result on the same prompts.
 # Prompts use SmolLM2's chat template (the default: the tokenizer has one). Everything goes to --out
 # (default runs/smollm2, git-ignored); a summary table is printed at the end and written to summary.json.
+# A rerun with the same --out skips the steps whose results are there (--fresh starts over).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,13 +45,14 @@ Flags (default / --quick):
   --max-new-tokens N     response tokens in RL and evaluation (192 / 48)
   --eval-prompts N       GSM8K test prompts for Pass@1 (100 / 16)
   --quick                the second column
+  --fresh                delete --out first (default: keep finished steps)
 EOF
 }
 
 OUT=runs/smollm2
 DATA="${QRM_SHARED_DATA:-../shared/data}"
 RM_TRAIN_PAIRS=0 RM_HELDOUT_PAIRS=0 RM_ITERS=150 RM_BATCH=4 RM_SEQ=384 LORA_RANK=16 RM_LR=1e-4
-RL_ITERS=4 ROLLOUT=16 MAX_NEW=192 EVAL_PROMPTS=100
+RL_ITERS=4 ROLLOUT=16 MAX_NEW=192 EVAL_PROMPTS=100 FRESH=0
 args=("$@")
 for a in "${args[@]}"; do
     if [[ "$a" == "--quick" ]]; then
@@ -61,6 +63,7 @@ done
 while (( $# )); do
     case "$1" in
         --quick) ;;
+        --fresh) FRESH=1 ;;
         --out) OUT="$2"; shift ;;
         --data) DATA="$2"; shift ;;
         --rm-train-pairs) RM_TRAIN_PAIRS="$2"; shift ;;
@@ -89,9 +92,11 @@ for f in test_pairwise.jsonl test.jsonl train_prompts.jsonl.gz; do
     fi
 done
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+if (( FRESH )); then
+    rm -rf "${OUT:?}"
+fi
 mkdir -p "$OUT/eval"
-TIMINGS="$OUT/timings.jsonl"
-: > "$TIMINGS"
+TIMINGS="$OUT/timings.jsonl"  # one line per step run; a rerun appends (the summary keeps the last)
 start=$SECONDS
 
 # run NAME CMD...: run a step, record its wall time and peak memory (RSS of the largest process)
@@ -114,8 +119,9 @@ QRM=("$PYTHON" -m megatron_qrm)
 if [[ ! -f "$OUT/hf/config.json" ]]; then
     run from-gguf "$PYTHON" tools/convert_hf.py from-gguf --out "$OUT/hf" --overwrite
 fi
-rm -rf "$OUT/base"
-run import "$PYTHON" tools/convert_hf.py import --hf-path "$OUT/hf" --out "$OUT/base" --no-progress
+if [[ ! -f "$OUT/base/latest" ]]; then
+    run import "$PYTHON" tools/convert_hf.py import --hf-path "$OUT/hf" --out "$OUT/base" --no-progress --overwrite
+fi
 
 # ---- 2. data
 split_args=(--pairs "$GSM8K/test_pairwise.jsonl" --out "$OUT/data" --heldout-fraction 0.2)
@@ -125,6 +131,7 @@ split_args=(--pairs "$GSM8K/test_pairwise.jsonl" --out "$OUT/data" --heldout-fra
 
 # ---- 3. reward models
 for kind in qrm orm; do
+    [[ -f "$OUT/eval/${kind}_heldout.json" ]] && continue
     rm -rf "${OUT:?}/$kind"
     run "train-rm $kind" "${QRM[@]}" train-rm --pretrained-checkpoint "$OUT/base" --reward-loss "$kind" \
         --train-data "$OUT/data/train_pairs.jsonl" --seq-length "$RM_SEQ" --lora-rank "$LORA_RANK" \
@@ -140,6 +147,7 @@ done
 
 # ---- 4. policies
 eval_policy() {  # eval_policy NAME CHECKPOINT: greedy Pass@1; the result JSON is the last line of stdout
+    [[ -f "$OUT/eval/policy_$1.json" ]] && return 0
     run "eval-policy $1" "${QRM[@]}" eval-policy --load "$2" --task gsm8k --data "$GSM8K/test.jsonl" \
         --max-prompts "$EVAL_PROMPTS" --max-new-tokens "$MAX_NEW" --batch-size 16 \
         --output "$OUT/eval/policy_$1_responses.jsonl" | tee "$OUT/eval/.stdout"
@@ -147,6 +155,10 @@ eval_policy() {  # eval_policy NAME CHECKPOINT: greedy Pass@1; the result JSON i
 }
 eval_policy base "$OUT/base"
 for algo in ppo reinforce; do
+    if [[ -f "$OUT/$algo/actor/latest" ]]; then
+        eval_policy "$algo" "$OUT/$algo/actor"
+        continue
+    fi
     rm -rf "${OUT:?}/$algo"
     rl_args=()
     # PPO's critic starts from the Q-RM (the paper's choice) with its own LoRA adapters
@@ -156,7 +168,7 @@ for algo in ppo reinforce; do
         --global-batch-size "$ROLLOUT" --micro-batch-size 2 --forward-micro-batch-size 4 \
         --generation-batch-size "$ROLLOUT" --max-new-tokens "$MAX_NEW" --seq-length 512 \
         --train-iters "$RL_ITERS" --save "$OUT/$algo" --no-tensorboard "${rl_args[@]}"
-    eval_policy "$algo" "$OUT/$algo"
+    eval_policy "$algo" "$OUT/$algo/actor"  # the RL trainers save the actor under SAVE/actor
 done
 
 "$PYTHON" - "$TIMINGS" "$OUT/timings.json" <<'PY'
