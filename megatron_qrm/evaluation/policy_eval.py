@@ -48,6 +48,9 @@ def generate_responses(model, tokenizer, dataset: PromptDataset, indices: list[i
     (prompts done, new tokens per second) after each batch: a long evaluation is not silent."""
     out: list[str] = []
     start, new_tokens = time.perf_counter(), 0
+    log.info("generating %d responses%s, %d per batch, up to %d new tokens each", len(indices),
+             " (this data-parallel rank's share)" if ps.get_data_parallel_world_size() > 1 else "",
+             batch_size, sampling.max_new_tokens)
     for c in range(0, len(indices), batch_size):
         chunk = indices[c:c + batch_size]
         r = generate(model, [dataset.prompt_ids(i) for i in chunk], sampling, eos_id=tokenizer.eos_id,
