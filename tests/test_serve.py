@@ -592,3 +592,28 @@ def test_verl_dataproto_if_verl_is_importable(qrm_server, policy_tokenizer):
         del os.environ["QRM_SERVER_URL"], os.environ["QRM_API_KEY"]
     assert type(loaded).__name__ == "QRMRewardManager"
     torch.testing.assert_close(loaded(data), reward)
+
+
+# ---------------------------------------------------------------------------------------------- chat messages
+def test_single_turn_chat_is_laid_out_like_chat_template_training(tmp_path):
+    """A {messages} item renders with the tokenizer's chat template; a single user turn gives exactly the ids
+    that training with --chat-template gives its instruction (PreferenceDataset), BOS handled alike."""
+    from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, load_tokenizer
+    from megatron_qrm.data.synthetic import parity_pairs, write_jsonl
+    from megatron_qrm.serving.encoding import RequestEncoder
+
+    tok = load_tokenizer(make_hf_tokenizer_dir(tmp_path, with_chat_template=True))
+    rows = parity_pairs(4, seed=1)
+    data = PreferenceDataset(PreferenceDataConfig(path=write_jsonl(str(tmp_path / "p.jsonl"), rows),
+                                                  chat_template=True, seq_length=256), tok)
+    enc = RequestEncoder(tok, 256, chat_template=True)
+    for row, pair in zip(rows, data):
+        msgs = [{"role": "user", "content": row["instruction"]}, {"role": "assistant", "content": row["chosen"]}]
+        (from_chat,) = enc.encode([enc.render_messages(msgs[:-1])], [row["chosen"]], truncate=False)
+        (from_prompt,) = enc.encode([enc.render_instruction(row["instruction"])], [row["chosen"]], truncate=False)
+        assert from_chat.prompt_ids == from_prompt.prompt_ids == pair.prompt_ids
+        assert from_chat.response_ids == pair.chosen_ids
+    # multi-turn: the template's own rendering of the earlier turns, generation prompt appended
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    text, _ = enc.render_messages(turns)
+    assert text == tok._tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
