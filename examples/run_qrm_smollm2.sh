@@ -35,12 +35,12 @@ Flags (default / --quick):
                          ($QRM_SHARED_DATA, else ../shared/data)
   --rm-train-pairs N     training pairs for each reward model (all ~630 / 16)
   --rm-heldout-pairs N   held-out pairs evaluated (all ~160 / 24)
-  --rm-iters N           reward-model optimizer steps (150 / 4)
+  --rm-iters N           reward-model optimizer steps (40 / 4)
   --rm-batch N           pairs per reward-model step (4 / 2)
-  --rm-seq-length N      tokens of prompt + response for the reward models (384 / 192)
+  --rm-seq-length N      tokens of prompt + response for the reward models (320 / 192)
   --lora-rank N          LoRA rank of the reward models (16 / 8)
   --rm-lr X              reward-model learning rate (1e-4 / 1e-4)
-  --rl-iters N           PPO and REINFORCE iterations each (4 / 1)
+  --rl-iters N           PPO and REINFORCE iterations each (3 / 1)
   --rollout-batch N      prompts per RL iteration (16 / 4)
   --max-new-tokens N     response tokens in RL and evaluation (192 / 48)
   --eval-prompts N       GSM8K test prompts for Pass@1 (100 / 16)
@@ -51,8 +51,8 @@ EOF
 
 OUT=runs/smollm2
 DATA="${QRM_SHARED_DATA:-../shared/data}"
-RM_TRAIN_PAIRS=0 RM_HELDOUT_PAIRS=0 RM_ITERS=150 RM_BATCH=4 RM_SEQ=384 LORA_RANK=16 RM_LR=1e-4
-RL_ITERS=4 ROLLOUT=16 MAX_NEW=192 EVAL_PROMPTS=100 FRESH=0
+RM_TRAIN_PAIRS=0 RM_HELDOUT_PAIRS=0 RM_ITERS=40 RM_BATCH=4 RM_SEQ=320 LORA_RANK=16 RM_LR=1e-4
+RL_ITERS=3 ROLLOUT=16 MAX_NEW=192 EVAL_PROMPTS=100 FRESH=0
 args=("$@")
 for a in "${args[@]}"; do
     if [[ "$a" == "--quick" ]]; then
