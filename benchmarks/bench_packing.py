@@ -9,17 +9,21 @@ What is measured (single process; CPU, or a GPU if there is one):
 * ``--global-batches`` consecutive global batches of ``--global-batch-size`` shuffled pairs (the trainer's
   :class:`~megatron_qrm.data.sampler.GlobalBatchSampler`), each cut into micro-batches the way ``qrm train-rm``
   does: **padded** (today's default before packing: ``--micro-batch-size`` pairs per micro-batch, each padded to
-  its longest sequence) and **packed** (``data/packing.py``: micro-batches of up to micro-batch x 2 x
+  its longest sequence), **grouped** (``--no-pack-sequences --group-by-length``: the same, the global batch
+  sorted by length first) and **packed** (``data/packing.py``: micro-batches of up to micro-batch x 2 x
   ``--seq-length`` tokens, THD, no padding but the rounding of each stream to a multiple of 8), at every
   micro-batch size of ``--micro-batch-sizes``;
 * one full optimizer step per global batch (the trainer's model, DDP, optimizer and forward step); the
-  configurations run in turns (padded m=2, packed m=2, padded m=8, ...; ``--repeats`` rounds after one warm-up
-  round) so that a change in machine load hits them alike. Reported: padding share of the computed tokens, median
-  step time, real (non-padding) tokens/s, and packed / padded tokens/s at the same micro-batch size.
+  configurations run in turns (padded m=2, grouped m=2, packed m=2, padded m=8, ...; ``--repeats`` rounds after
+  one warm-up round) so that a change in machine load hits them alike. Reported: padding share of the computed
+  tokens, median wall and process-CPU seconds per step, real (non-padding) tokens per CPU second, and the
+  speed over the padded configuration at the same micro-batch size in CPU time and in wall time. With
+  ``--threads 1`` (the default) the CPU time is the work this process did, which a loaded machine does not
+  inflate the way it inflates wall time.
 
 Example (the figures in docs/benchmarks.md)::
 
-    python benchmarks/bench_packing.py --micro-batch-sizes 2,8 --global-batch-size 16 --repeats 3
+    python benchmarks/bench_packing.py --repeats 4 --global-batches 2
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loss", default="qrm", choices=("qrm", "orm", "dpo"))
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: the process CPU time is the work done, robust to a loaded machine)")
     return p.parse_args(argv)
 
 
@@ -94,6 +100,8 @@ def main(argv=None) -> int:
     if not os.path.exists(args.data):
         raise SystemExit(f"--data {args.data}: not found")
     parallel.initialize(ParallelConfig(seed=args.seed))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"torch {torch.__version__}, megatron-core {megatron.core.__version__}, python {platform.python_version()}, "
           f"device: {dev}, torch threads: {torch.get_num_threads()}")
@@ -125,13 +133,13 @@ def main(argv=None) -> int:
     mbs_list = [int(m) for m in args.micro_batch_sizes.split(",")]
     for mbs in mbs_list:
         sampler = GlobalBatchSampler(len(dataset), args.global_batch_size, mbs, 0, 1, seed=args.seed)
-        for mode in ("padded", "packed"):
+        for mode in ("padded", "grouped", "packed"):
             capacity = mbs * 2 * args.seq_length if mode == "packed" else None
             batches = []
             for g in range(args.global_batches):
                 gb = sampler.global_batch(g * args.global_batch_size)
                 groups = rank_microbatches(gb, pair_tokens[gb], micro_batch_size=mbs, dp_rank=0, dp_size=1,
-                                           pack_capacity=capacity)
+                                           pack_capacity=capacity, group_by_length_=mode == "grouped")
                 batches.append([_collate(dataset, idx, tokenizer.pad_id, 8, ref, pack=capacity is not None)
                                 for idx in groups])
             configs[f"{mode} m={mbs}"] = batches
@@ -145,33 +153,35 @@ def main(argv=None) -> int:
         run_global_batch(ddp, forward_step, micro, forward_only=False)
         optimizer.step()
 
-    times: dict[str, list[float]] = {k: [] for k in configs}
+    times: dict[str, list[float]] = {k: [] for k in configs}  # wall seconds per real token
+    cpu_times: dict[str, list[float]] = {k: [] for k in configs}  # process CPU seconds per real token
     for rnd in range(args.repeats + 1):  # round 0: warm-up, not timed
         for name, batches in configs.items():
             for g, micro in enumerate(batches):
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 step(micro)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 if rnd:
-                    times[name].append((time.perf_counter() - t0) / real_tokens[g])  # seconds per real token
+                    times[name].append((time.perf_counter() - t0) / real_tokens[g])
+                    cpu_times[name].append((time.process_time() - c0) / real_tokens[g])
 
-    print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.groups} groups, ffn {args.ffn}, "
+    print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.groups} groups, "
+          f"ffn {args.ffn}, "
           f"vocab {tokenizer.vocab_size}; loss {args.loss}; --seq-length {args.seq_length}; global batch "
           f"{args.global_batch_size} pairs x {args.global_batches} batches x {args.repeats} rounds")
-    print(f"{'config':<12} {'micro-batches':>13} {'padding':>8} {'median s/step':>14} {'real tok/s':>11} {'vs padded':>9}")
-    rate = {}
+    print(f"{'config':<13} {'micro-batches':>13} {'padding':>8} {'wall s/step':>11} {'CPU s/step':>10} "
+          f"{'real tok/s (CPU)':>16} {'vs padded (CPU)':>15} {'vs padded (wall)':>16}")
     for name, batches in configs.items():
-        per_token = statistics.median(times[name])
-        rate[name] = 1.0 / per_token
+        wall, cpu = statistics.median(times[name]), statistics.median(cpu_times[name])
+        peer = f"padded m={name.split('=')[1]}"
         n_micro = sum(len(b) for b in batches) / len(batches)
         pad = padding_share([mb for b in batches for mb in b])
-        mbs = name.split("=")[1]
-        ratio = rate[name] / rate[f"padded m={mbs}"] if f"padded m={mbs}" in rate else 1.0
-        print(f"{name:<12} {n_micro:>13.1f} {pad:>7.1%} {per_token * np.mean(real_tokens):>14.2f} "
-              f"{rate[name]:>11.0f} {ratio:>8.2f}x")
+        print(f"{name:<13} {n_micro:>13.1f} {pad:>7.1%} {wall * np.mean(real_tokens):>11.2f} "
+              f"{cpu * np.mean(real_tokens):>10.2f} {1 / cpu:>16.0f} "
+              f"{statistics.median(cpu_times[peer]) / cpu:>14.2f}x {statistics.median(times[peer]) / wall:>15.2f}x")
     parallel.destroy()
     return 0
 
