@@ -582,16 +582,17 @@ def test_verl_dataproto_if_verl_is_importable(qrm_server, policy_tokenizer):
 
     import megatron_qrm.serving.verl_adapter as adapter
 
-    cfg = OmegaConf.create({"reward": {"reward_manager": {"source": "importlib", "name": "QRMRewardManager",
-                                                          "module": {"path": adapter.__file__}},
-                                       "custom_reward_function": {"path": None}, "sandbox_fusion": None}})
     os.environ["QRM_SERVER_URL"], os.environ["QRM_API_KEY"] = qrm_server.url, API_KEY
     try:
-        loaded = load_reward_manager(cfg, policy_tokenizer)
+        for path in ("pkg://megatron_qrm.serving.verl_adapter", adapter.__file__):  # by module, by file path
+            cfg = OmegaConf.create({"reward": {"reward_manager": {"source": "importlib", "name": "QRMRewardManager",
+                                                                  "module": {"path": path}},
+                                               "custom_reward_function": {"path": None}, "sandbox_fusion": None}})
+            loaded = load_reward_manager(cfg, policy_tokenizer)
+            assert type(loaded).__name__ == "QRMRewardManager"
+            torch.testing.assert_close(loaded(data), reward)
     finally:
         del os.environ["QRM_SERVER_URL"], os.environ["QRM_API_KEY"]
-    assert type(loaded).__name__ == "QRMRewardManager"
-    torch.testing.assert_close(loaded(data), reward)
 
 
 # ---------------------------------------------------------------------------------------------- chat messages

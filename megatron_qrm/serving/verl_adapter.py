@@ -21,15 +21,14 @@ Use it from verl (``reward_model.reward_manager`` / ``reward.reward_manager`` co
 
     reward.reward_manager.source=importlib
     reward.reward_manager.name=QRMRewardManager
-    reward.reward_manager.module.path=<site-packages>/megatron_qrm/serving/verl_adapter.py
+    reward.reward_manager.module.path=pkg://megatron_qrm.serving.verl_adapter   # or the file's path
     # and QRM_SERVER_URL=http://127.0.0.1:8000 (QRM_API_KEY=... when the server has --api-key)
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -38,9 +37,9 @@ from megatron_qrm.rl.experience import RETOKENIZE_CONTEXT, covering_tokens, toke
 from megatron_qrm.serving.client import AsyncQRMClient, QRMClient
 
 
-@dataclass
-class _Prepared:
-    """Policy side of a batch: what to send and how to map the answers back."""
+class _Prepared(NamedTuple):
+    """Policy side of a batch: what to send and how to map the answers back. (A NamedTuple: verl may load
+    this file by path, outside ``sys.modules``, where ``dataclass`` cannot resolve the module.)"""
 
     rows: list[int]  # batch rows sent to the server (non-empty responses)
     items: list[tuple[str, str]]  # (rendered prompt, response text) per sent row
