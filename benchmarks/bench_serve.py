@@ -13,8 +13,10 @@ in a round ``--clients`` asyncio clients each send ``--requests`` ``/v1/score`` 
 (prompt, response) with responses of mixed length; the **sequential** round is one client sending the
 same requests one after the other to the batched server (no concurrency at all). Reported per mode:
 p50 / p99 request latency (median over rounds) and scored tokens/s (prompt + response tokens of the
-answered requests / wall time of the round, median over rounds); and the ratio of the batched tokens/s
-to each peer. Idle servers use no CPU (they block on a queue).
+answered requests / wall time of the round, median over rounds); the same tokens per CPU second of the
+server process (user + system time over the round: the server's capacity, which stays comparable on a
+machine shared with other work, where wall time mostly measures the wait for a core); and the ratio of
+the batched figures to each peer. Idle servers use no CPU (they block on a queue).
 
 Example::
 
@@ -110,6 +112,12 @@ class Server:
                 raise RuntimeError(f"qrm serve did not start; see {log_path}")
             time.sleep(0.3)
 
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -174,37 +182,43 @@ def main(argv=None) -> int:
     batched = Server(load, ["--max-batch-tokens", str(args.max_batch_tokens), "--max-wait-ms",
                             str(args.max_wait_ms)], os.path.join(workdir, "batched.log"))
     unbatched = Server(load, ["--max-batch-tokens", "1", "--max-wait-ms", "0"], os.path.join(workdir, "unbatched.log"))
-    modes = {"batched": (batched.url, args.clients), "unbatched": (unbatched.url, args.clients),
-             "sequential": (batched.url, 1)}
-    stats = {m: {"p50": [], "p99": [], "tps": [], "rps": []} for m in modes}
+    modes = {"batched": (batched, args.clients), "unbatched": (unbatched, args.clients),
+             "sequential": (batched, 1)}
+    stats = {m: {"p50": [], "p99": [], "tps": [], "rps": [], "tpcpu": []} for m in modes}
     try:
         warm = make_requests(rows, 2 * args.clients, args.seed + 99)
-        for url, _ in list(modes.values())[:2]:
-            asyncio.run(run_round(url, warm, args.clients))
+        for srv, _ in list(modes.values())[:2]:
+            asyncio.run(run_round(srv.url, warm, args.clients))
         for rnd in range(args.rounds):
             requests = make_requests(rows, args.clients * args.requests, args.seed + rnd)
-            for mode, (url, clients) in modes.items():
+            for mode, (srv, clients) in modes.items():
                 if time.time() - t_start > args.time_limit:
                     raise RuntimeError(f"--time-limit {args.time_limit}s reached")
-                lat, tokens, secs = asyncio.run(run_round(url, requests, clients))
+                cpu0 = srv.cpu_seconds()
+                lat, tokens, secs = asyncio.run(run_round(srv.url, requests, clients))
+                cpu = srv.cpu_seconds() - cpu0
+                stats[mode]["tpcpu"].append(tokens / cpu)
                 stats[mode]["p50"].append(percentile(lat, 0.5))
                 stats[mode]["p99"].append(percentile(lat, 0.99))
                 stats[mode]["tps"].append(tokens / secs)
                 stats[mode]["rps"].append(len(requests) / secs)
                 print(f"round {rnd} {mode:10s}: {len(requests)} requests, {tokens} tokens in {secs:.2f}s "
                       f"({tokens / secs:.0f} tok/s), p50 {percentile(lat, 0.5) * 1e3:.0f} ms, "
-                      f"p99 {percentile(lat, 0.99) * 1e3:.0f} ms", flush=True)
+                      f"p99 {percentile(lat, 0.99) * 1e3:.0f} ms, server CPU {cpu:.2f}s ({tokens / cpu:.0f} tok/CPU-s)",
+                      flush=True)
     finally:
         batched.stop()
         unbatched.stop()
     med = {m: {k: statistics.median(v) for k, v in s.items()} for m, s in stats.items()}
     print(f"\nqrm serve, {args.clients} clients x {args.requests} requests x {args.rounds} rounds, "
           f"model {args.layers}x{args.hidden}, seq {args.seq_length}, load average {os.getloadavg()[0]:.2f}")
-    print(f"{'mode':12s} {'tokens/s':>10s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    print(f"{'mode':12s} {'tokens/s':>10s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'tok/CPU-s':>10s}")
     for m, s in med.items():
-        print(f"{m:12s} {s['tps']:10.0f} {s['rps']:8.1f} {s['p50'] * 1e3:8.0f} {s['p99'] * 1e3:8.0f}")
-    print(f"batched / unbatched tokens/s: {med['batched']['tps'] / med['unbatched']['tps']:.2f}x")
-    print(f"batched / sequential tokens/s: {med['batched']['tps'] / med['sequential']['tps']:.2f}x")
+        print(f"{m:12s} {s['tps']:10.0f} {s['rps']:8.1f} {s['p50'] * 1e3:8.0f} {s['p99'] * 1e3:8.0f} "
+              f"{s['tpcpu']:10.0f}")
+    for peer in ("unbatched", "sequential"):
+        print(f"batched / {peer}: tokens/s {med['batched']['tps'] / med[peer]['tps']:.2f}x, "
+              f"tokens per server CPU-second {med['batched']['tpcpu'] / med[peer]['tpcpu']:.2f}x")
     return 0
 
 
