@@ -3,10 +3,12 @@
 Tested releases (:data:`TESTED_MCORE`): megatron-core 0.16.1 (Python 3.11, torch 2.13.0 CPU build: CI)
 and 0.19.2 (Python 3.12, torch 2.13.0: ``tools/check_mcore_compat.sh``, which runs the model, loss,
 TP/PP-invariance, checkpoint-resume, sampling, conversion and PPO tests under it, plus a checkpoint
-written by one release and resumed by the other). ``pyproject.toml`` requires the range between them.
+written by one release and resumed by the other); 0.17.1 with a smaller selection of the same tests (0.18.x
+is inside the range but was not run). ``pyproject.toml`` requires the range from the oldest to the newest.
 megatron-core >= 0.17 needs Python >= 3.12, so a Python 3.11 install always resolves to 0.16.x.
 
-Every API the project uses was checked against both releases. What moved, and where it is handled:
+What moved (found by running that subset under each release and by diffing the megatron-core sources
+the project calls), and where it is handled:
 
 * DDP gradient sync (``param_and_grad_buffer.start_grad_sync``): 0.19 calls
   ``torch.cuda.current_stream().wait_event(...)`` on every sync, even without overlap (CUDA-graph
@@ -30,6 +32,10 @@ Every API the project uses was checked against both releases. What moved, and wh
   :func:`write_legacy_common_state` adds the file after a save whenever the release did not write it, so
   one checkpoint format serves both: a checkpoint written by either release resumes under the other
   (model, Adam state, RNG, schedule) with the losses of an uninterrupted run (``tests/test_compat.py``).
+* Unchanged but internal: ``checkpointing.SyncTorchDistSaveStrategy`` subclasses
+  ``TorchDistSaveShardedStrategy`` and calls ``_replace_state_dict_keys_with_sharded_keys``,
+  ``mcore_to_pyt_state_dict`` and ``MCoreSavePlanner`` (same signatures in 0.16.1 and 0.19.2; 0.19's
+  ``dist_checkpointing.save`` replaces any strategy that is not such a subclass).
 
 Prefer feature detection to version comparisons when adding a case here; :data:`TESTED_MCORE` is the
 one place that names versions.
@@ -41,7 +47,7 @@ import logging
 import os
 import platform
 
-TESTED_MCORE = ("0.16.1", "0.19.2")
+TESTED_MCORE = ("0.16.1", "0.17.1", "0.19.2")
 
 # (logger name, start of the message): benign lines newer megatron-core logs on every run (see above)
 _KNOWN_NOISE = (

@@ -70,12 +70,14 @@ fi
 # 2. the other release, for the cross-release checkpoint test
 if [[ "${BASELINE_PYTHON}" != "none" && -x "${BASELINE_PYTHON}" ]]; then
     export QRM_OTHER_PYTHON="${BASELINE_PYTHON}"
-    baseline="$(cd "${REPO}" && "${BASELINE_PYTHON}" -c "${VERSIONS_CODE}")"
+    baseline="$(cd "${REPO}" && "${BASELINE_PYTHON}" -c "${VERSIONS_CODE}" 2> /dev/null)" \
+        || die "${BASELINE_PYTHON} cannot import megatron_qrm (set BASELINE_PYTHON, or BASELINE_PYTHON=none)"
 else
     unset QRM_OTHER_PYTHON
     baseline="none (cross-release checkpoint test skipped)"
 fi
-tested="$(cd "${REPO}" && "${PY}" -c "${VERSIONS_CODE}")"
+tested="$(cd "${REPO}" && "${PY}" -c "${VERSIONS_CODE}" 2> /dev/null)" \
+    || die "${PY} cannot import megatron_qrm; run: cd ${REPO} && ${PY} -c 'import megatron_qrm.compat'"
 
 # 3. the tests
 log="$(mktemp "${TMPDIR:-/tmp}/check_mcore_compat.XXXXXX")"
