@@ -135,10 +135,10 @@ def pair_items(qrm_data, dump: list[dict]) -> list[dict]:
             for r in dump]
 
 
-def score(url: str, items: list[dict], **flags) -> list[dict]:
+def score(url: str, items: list[dict], chunk: int = 64, **flags) -> list[dict]:
     out = []
-    for k in range(0, len(items), 64):
-        r = post(url, "/v1/score", {"items": items[k:k + 64], **flags})
+    for k in range(0, len(items), chunk):
+        r = post(url, "/v1/score", {"items": items[k:k + chunk], **flags})
         assert r.status_code == 200, r.text
         out += r.json()["results"]
     return out
@@ -367,43 +367,44 @@ def test_load_32_clients_x_20_requests_equal_one_at_a_time(qrm_server, qrm_data)
 
 
 # ---------------------------------------------------------------------------------------------- TP / SIGTERM
-def _sigterm_with_requests_in_flight(srv: Server, items: list[dict], n: int = 12) -> list[httpx.Response]:
-    """Send ``n`` requests at once, SIGTERM the server while all are in flight, return their answers."""
-    answers: list = [None] * n
+def _sigterm_with_requests_in_flight(srv: Server, items: list[dict], n: int = 12) -> list:
+    """Send ``n`` requests at once (one asyncio client), SIGTERM the server once all of them are in flight
+    (its long --max-wait-ms holds them in the queue), return their answers (responses or exceptions)."""
+    answers: list = []
 
-    def send(k: int) -> None:
-        try:
-            answers[k] = post(srv.url, "/v1/score", {"items": [items[k % len(items)]]})
-        except httpx.HTTPError as err:
-            answers[k] = err
+    async def burst():
+        async with httpx.AsyncClient(base_url=srv.url, headers=AUTH, timeout=120) as client:
+            answers.extend(await asyncio.gather(
+                *(client.post("/v1/score", json={"items": [items[k % len(items)]]}) for k in range(n)),
+                return_exceptions=True))
 
-    threads = [threading.Thread(target=send, args=(k,)) for k in range(n)]
-    for t in threads:
-        t.start()
+    sender = threading.Thread(target=lambda: asyncio.run(burst()))
+    sender.start()
     deadline = time.time() + 60
     while True:  # the /metrics request itself is in flight too
         text = httpx.get(srv.url + "/metrics", headers=AUTH, timeout=30).text
         if _metric(text, "qrm_requests_in_flight") >= n + 1:
             break
-        assert time.time() < deadline, f"the requests never were in flight together: {_metric(text, 'qrm_requests_in_flight')} {[(type(a), getattr(a, 'status_code', a)) for a in answers]}"
+        assert time.time() < deadline and sender.is_alive(), f"the requests never were in flight together: {answers}"
         time.sleep(0.01)
     rc = srv.terminate()
-    for t in threads:
-        t.join(60)
+    sender.join(120)
     # torchrun itself exits 1 on a SIGTERM (SignalException) after its workers have ended
     assert rc == 0 or (srv.nproc > 1 and rc == 1), srv.log()[-4000:]
     assert "qrm serve: stopped" in srv.log(), srv.log()[-4000:]
+    assert len(answers) == n
     return answers
 
 
 def test_tp2_serving_equals_tp1_and_sigterm_answers_in_flight(trained, qrm_server, qrm_data):
     dump = trained["dumps"]["qrm"]
     items = pair_items(qrm_data, dump)
-    # a long wait bound keeps the SIGTERM test's requests queued while the signal arrives
+    # a long wait bound keeps the SIGTERM test's requests queued while the signal arrives (and the 128
+    # items to compare go in one request, one wait)
     srv = Server(["--load", trained["dir"] / "qrm", "--tensor-model-parallel-size", "2", "--api-key", API_KEY,
-                  "--max-wait-ms", "3000"], nproc=2, log_path=trained["dir"] / "qrm_tp2_serve.log")
+                  "--max-wait-ms", "8000"], nproc=2, log_path=trained["dir"] / "qrm_tp2_serve.log")
     try:
-        tp2 = score(srv.url, items)
+        tp2 = score(srv.url, items, chunk=128)
         tp1 = score(qrm_server.url, items)
         for a, b in zip(tp2, tp1, strict=True):
             assert a["token_ids"] == b["token_ids"]
@@ -420,11 +421,11 @@ def test_tp2_serving_equals_tp1_and_sigterm_answers_in_flight(trained, qrm_serve
 @pytest.mark.parametrize("name,kind", [("orm", "orm"), ("dpo_lora", "dpo")])
 def test_orm_and_dpo_checkpoints_and_sigterm(trained, qrm_data, name, kind):
     dump = trained["dumps"][name]
-    srv = Server(["--load", trained["dir"] / name, "--api-key", API_KEY, "--max-wait-ms", "3000"],
+    srv = Server(["--load", trained["dir"] / name, "--api-key", API_KEY, "--max-wait-ms", "8000"],
                  log_path=trained["dir"] / f"{name}_serve.log")
     try:
         assert httpx.get(srv.url + "/health").json()["kind"] == kind
-        assert_matches_dump(score(srv.url, pair_items(qrm_data, dump)), dump, kind)
+        assert_matches_dump(score(srv.url, pair_items(qrm_data, dump), chunk=128), dump, kind)
         answers = _sigterm_with_requests_in_flight(srv, pair_items(qrm_data, dump))
     finally:
         srv.kill()
