@@ -10,20 +10,20 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
-from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
+from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
 from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.data.packing import pack_collated, plan_microbatches, rank_microbatches, unsupported_reason
 from megatron_qrm.data.sampler import GlobalBatchSampler
-from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model, count_parameters
+from megatron_qrm.models import PrecisionConfig, build_model, count_parameters
 from megatron_qrm.models.lora import is_lora_param
 from megatron_qrm.planning import check_fits
 from megatron_qrm.rewards.scoring import (
@@ -32,7 +32,8 @@ from megatron_qrm.rewards.scoring import (
     reference_logps_forward_step,
     train_forward_step,
 )
-from megatron_qrm.training.engine import OptimConfig, build_optimizer, run_global_batch, wrap_ddp
+from megatron_qrm.training.engine import build_optimizer, run_global_batch, wrap_ddp
+from megatron_qrm.training.run_config import SupervisedRunConfig
 from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
 
@@ -40,48 +41,14 @@ log = logging.getLogger("megatron_qrm")
 DPO_REFERENCE_FILE = "dpo_reference_logps.pt"
 
 
-@dataclass
-class RewardTrainConfig:
-    model: Optional[ModelConfig]  # None -> taken from --load / --pretrained-checkpoint
+@dataclass(kw_only=True)
+class RewardTrainConfig(SupervisedRunConfig):
     data: PreferenceDataConfig
-    tokenizer: Optional[str]
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
     micro_batch_size: int = 2  # pairs
     global_batch_size: int = 2  # pairs
-    train_iters: int = 100
-    shuffle: bool = True
-    load: Optional[str] = None
-    pretrained_checkpoint: Optional[str] = None
-    save: Optional[str] = None
-    save_interval: Optional[int] = None
-    keep_last: Optional[int] = None
-    log_interval: int = 1
-    log_dir: Optional[str] = None
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
-    wandb_run_name: Optional[str] = None
-    transformer_impl: str = "auto"
-    local_attention: str = "auto"  # local spec core attention: sdpa | unfused
-    recompute_granularity: Optional[str] = None
-    recompute_num_layers: int = 1
-    skip_memory_check: bool = False
-    exit_interval: Optional[int] = None  # stop (after saving) at this iteration: for tests/preemption
-    max_nonfinite_steps: int = 3  # skipped non-finite optimizer steps in a row before the run stops
-    allow_tokenizer_change: bool = False  # accept a tokenizer other than the checkpoint's (recorded)
-    # packed sequences (data/packing.py): micro-batches of up to pack_tokens tokens (default
-    # micro_batch_size x 2 x seq_length: the memory plan's micro-batch), no padding computed
-    pack_sequences: bool = True
-    pack_tokens: Optional[int] = None
-    group_by_length: bool = False  # without packing: length-sorted micro-batches within a global batch
 
-    def pack_capacity(self) -> Optional[int]:
-        """Tokens per packed micro-batch, or None when packing is off."""
-        if not self.pack_sequences:
-            return None
-        return self.pack_tokens or self.micro_batch_size * 2 * self.data.seq_length
+    sequences_per_sample: ClassVar[int] = 2
 
 
 def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer_path: str,
