@@ -80,8 +80,9 @@ class RewardScorer:
         self.cfg = cfg
         par = cfg.parallel or ParallelConfig()
         parallel.initialize(par)
-        self.checkpoint = checkpointing.resolve_checkpoint(cfg.load)
-        saved = checkpointing.read_config(cfg.load)
+        # resolve `latest` once: the config, the weights and /health all name this one directory
+        self.checkpoint = checkpointing.resolve_or_fail(cfg.load, "--load")
+        saved = checkpointing.read_config(self.checkpoint)
         model_cfg = ModelConfig.from_dict(saved["model"])
         world = dist.get_world_size()
         check_parallel_layout(model_cfg, par, world)
@@ -102,7 +103,7 @@ class RewardScorer:
         self.encoder = RequestEncoder(self.tokenizer, self.seq_length, bool(saved.get("chat_template", False)))
         from megatron_qrm.evaluation.rm_eval import load_reward_models
 
-        self.model, self.reference = load_reward_models(cfg.load, saved, model_cfg, self.loss_cfg, par, cfg.bf16,
+        self.model, self.reference = load_reward_models(self.checkpoint, saved, model_cfg, self.loss_cfg, par, cfg.bf16,
                                                         cfg.reference_checkpoint)
         self.pad_multiple = pad_multiple_for(par.tensor_model_parallel_size, par.sequence_parallel)
         self._step = token_credit_forward_step(self.loss_cfg, pairwise=False)
