@@ -149,9 +149,12 @@ class SDPAttention(MegatronModule):
         attn_mask, is_causal = self._mask(sq, sk, attention_mask, mask_type, query.device)
 
         # [s, b, heads, hn] -> [b, heads, s, hn]
-        q = query.permute(1, 2, 0, 3)
-        k = key.permute(1, 2, 0, 3)
-        v = value.permute(1, 2, 0, 3)
+        # contiguous [b, heads, s, hn]: torch's CPU flash kernel runs forward + backward ~15 % faster on it than
+        # on the strided views of megatron's [s, b, heads, hn] (b=16, s=512, 8/2 heads: 173 vs 206 ms a layer),
+        # more than the copies cost
+        q = query.permute(1, 2, 0, 3).contiguous()
+        k = key.permute(1, 2, 0, 3).contiguous()
+        v = value.permute(1, 2, 0, 3).contiguous()
         groups = k.shape[1]
         kwargs = {}
         if groups != np_:
