@@ -278,13 +278,10 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
                    f"{', grouped by length' if cfg.group_by_length and not capacity else ''}")
 
     def microbatches(consumed: int) -> list[dict]:
-        if capacity is None and not cfg.group_by_length:
-            groups = sampler.microbatches(consumed)
-        else:
-            batch = sampler.global_batch(consumed)
-            groups = rank_microbatches(batch, pair_tokens[batch], micro_batch_size=cfg.micro_batch_size,
-                                       dp_rank=dp_rank, dp_size=dp_size, pack_capacity=capacity,
-                                       group_by_length_=cfg.group_by_length)
+        # packed, length-grouped or (neither) the rank's contiguous slice, as GlobalBatchSampler.microbatches
+        batch = sampler.global_batch(consumed)
+        groups = rank_microbatches(batch, pair_tokens[batch], micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank,
+                                   dp_size=dp_size, pack_capacity=capacity, group_by_length_=cfg.group_by_length)
         return [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums, pack=capacity is not None)
                 for idx in groups]
 

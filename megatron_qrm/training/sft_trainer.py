@@ -155,13 +155,10 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     capacity = cfg.pack_capacity()
 
     def microbatches(consumed: int) -> list[dict]:
-        if capacity is None and not cfg.group_by_length:
-            groups = sampler.microbatches(consumed)
-        else:
-            batch = sampler.global_batch(consumed)
-            groups = rank_microbatches(batch, example_tokens[batch], micro_batch_size=cfg.micro_batch_size,
-                                       dp_rank=dp_rank, dp_size=dp_size, pack_capacity=capacity,
-                                       group_by_length_=cfg.group_by_length)
+        # packed, length-grouped or (neither) the rank's contiguous slice, as GlobalBatchSampler.microbatches
+        batch = sampler.global_batch(consumed)
+        groups = rank_microbatches(batch, example_tokens[batch], micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank,
+                                   dp_size=dp_size, pack_capacity=capacity, group_by_length_=cfg.group_by_length)
         out = []
         for idx in groups:
             prompts, responses = zip(*(dataset.example(i) for i in idx))
