@@ -183,12 +183,15 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
                 field = field[: -len(".response")] + ".prompt"
             raise ApiError(413, field, str(err)) from None
 
+    def _check_count(body, key: str, noun: str) -> None:
+        """413 naming ``key`` when the request lists more than --max-items entries (before validating them)."""
+        if isinstance(body, dict) and isinstance(body.get(key), list) and len(body[key]) > limits.max_items:
+            raise ApiError(413, key, f"{len(body[key])} {noun}, over the limit of {limits.max_items} (--max-items)")
+
     @app.post("/v1/score")
     async def score(request: Request):
         body = await _read_json(request, limits.max_body_bytes)
-        if isinstance(body, dict) and isinstance(body.get("items"), list) and len(body["items"]) > limits.max_items:
-            raise ApiError(413, "items", f"{len(body['items'])} items, over the limit of {limits.max_items} "
-                           "(--max-items)")
+        _check_count(body, "items", "items")
         req = _validate(ScoreRequest, body)
         prompts, responses, fields = [], [], []
         for i, item in enumerate(req.items):
@@ -235,9 +238,7 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
     @app.post("/get_reward")
     async def get_reward(request: Request):
         body = await _read_json(request, limits.max_body_bytes)
-        if isinstance(body, dict) and isinstance(body.get("query"), list) and len(body["query"]) > limits.max_items:
-            raise ApiError(413, "query", f"{len(body['query'])} queries, over the limit of {limits.max_items} "
-                           "(--max-items)")
+        _check_count(body, "query", "queries")
         req = _validate(RewardRequest, body)
         if req.prompts is None:
             raise ApiError(422, "prompts", "required: a token-level reward model scores the response, and "
