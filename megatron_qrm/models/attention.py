@@ -37,11 +37,14 @@ from torch import Tensor
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
+
+from megatron_qrm.models import rope
 
 def _torch_at_least(major: int, minor: int) -> bool:
     parts = torch.__version__.split("+")[0].split(".")
@@ -179,9 +182,70 @@ class SDPAttention(MegatronModule):
         return {}  # no parameters (vanilla softmax)
 
 
+class RopeSelfAttention(SelfAttention):
+    """megatron-core's ``SelfAttention`` with RoPE applied by :mod:`megatron_qrm.models.rope`.
+
+    Same constructor, forward and parameters. In training and full-sequence forwards (no inference context)
+    the rotary table is held back from megatron-core's forward and applied right after the Q/K/V projection
+    (:meth:`get_query_key_value_tensors`): no ``cat``, cos/sin once per forward, packed sequences without a
+    per-sequence Python loop, and for :class:`SDPAttention` the rotated query and key are written straight
+    into the ``[b, heads, s, hn]`` layout it wants. Everything else (inference contexts, interleaved RoPE,
+    YaRN, TE's fused RoPE, context parallelism, cross attention) goes through megatron-core unchanged.
+    """
+
+    _pending_rope = None  # (freqs_q, freqs_k, packed_seq_params) for the forward in progress
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, packed_seq_params=None,
+                inference_context=None, inference_params=None, **kwargs):
+        take_over = (
+            rotary_pos_emb is not None and not args and inference_context is None and inference_params is None
+            and rope.supported(self.config, self.pg_collection.cp.size()) is None
+            and not getattr(self.config, "fused_single_qkv_rope", False)
+            and (packed_seq_params is None or packed_seq_params.qkv_format == "thd")
+        )
+        if not take_over:
+            return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb,
+                                   packed_seq_params=packed_seq_params, inference_context=inference_context,
+                                   inference_params=inference_params, **kwargs)
+        q_freqs, k_freqs = rotary_pos_emb if isinstance(rotary_pos_emb, tuple) else (rotary_pos_emb,) * 2
+        self._pending_rope = (q_freqs, k_freqs, packed_seq_params)
+        try:
+            return super().forward(hidden_states, attention_mask, rotary_pos_emb=None,
+                                   packed_seq_params=packed_seq_params, **kwargs)
+        finally:
+            self._pending_rope = None
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
+                                    split_qkv=True):
+        out = super().get_query_key_value_tensors(hidden_states, key_value_states, output_gate=output_gate,
+                                                  split_qkv=split_qkv)
+        if self._pending_rope is None:
+            return out
+        if not split_qkv:
+            raise RuntimeError("RopeSelfAttention: an unsplit QKV tensor cannot be rotated here")
+        q_freqs, k_freqs, packed = self._pending_rope
+        query, key = out[0], out[-2]
+        dtype = query.dtype
+        if packed is None:
+            heads_first = isinstance(self.core_attention, SDPAttention)
+            q_cos, q_sin = rope.half_cos_sin(q_freqs, dtype)
+            k_cos, k_sin = rope.half_cos_sin(k_freqs, dtype)
+        else:  # THD: positions restart at every sequence of the packed stream
+            heads_first = False
+            cu_q = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+            cu_k = packed.cu_seqlens_kv_padded if packed.cu_seqlens_kv_padded is not None else packed.cu_seqlens_kv
+            q_cos, q_sin = rope.packed_cos_sin(q_freqs, cu_q, packed, dtype)
+            k_cos, k_sin = rope.packed_cos_sin(k_freqs, cu_k, packed, dtype)
+        query = rope.apply_rope(query, q_cos, q_sin, heads_first)
+        key = rope.apply_rope(key, k_cos, k_sin, heads_first)
+        return (query,) + tuple(out[1:-2]) + (key, out[-1])
+
+
 def with_sdpa_attention(spec):
-    """A copy of a (local) GPT layer spec whose self-attention core is :class:`SDPAttention`."""
+    """A copy of a (local) GPT layer spec whose self-attention is :class:`RopeSelfAttention` around
+    :class:`SDPAttention`."""
     spec = copy.deepcopy(spec)
+    spec.submodules.self_attention.module = RopeSelfAttention
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 

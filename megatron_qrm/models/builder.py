@@ -165,6 +165,13 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
     tcfg = transformer_config(model, precision, sequence_parallel=sequence_parallel,
                               recompute_granularity=recompute_granularity, recompute_num_layers=recompute_num_layers)
     spec, impl = layer_spec(transformer_impl, local_attention)
+    if impl == "local" and not tcfg.bias_activation_fusion:
+        # no fused SwiGLU kernel (CPU): the project's SwiGLU module, which megatron-core's MLP calls on the
+        # whole fc1 output when use_te_activation_func is set (models/swiglu.py says why)
+        from megatron_qrm.models.swiglu import with_swiglu
+
+        spec = with_swiglu(spec)
+        tcfg.use_te_activation_func = True
     if tcfg.sequence_parallel and impl == "local" and not _have_apex_norm():
         raise ValueError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
                          "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")

@@ -44,6 +44,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer.mlp import MLP
 
 from megatron_qrm.models.attention import _SDPA_HAS_GQA
+from megatron_qrm.models.swiglu import SwiGLU
 
 
 def unwrap_model(model):
@@ -237,7 +238,7 @@ class KVCacheDecoder:
     def _mlp(self, mlp, x: torch.Tensor):
         cfg = self.config
         plain = (type(mlp) is MLP and cfg.gated_linear_unit and cfg.activation_func is F.silu
-                 and not getattr(cfg, "use_te_activation_func", False)
+                 and (not getattr(cfg, "use_te_activation_func", False) or isinstance(mlp.activation_func, SwiGLU))
                  and getattr(cfg, "activation_func_clamp_value", None) is None
                  and not getattr(cfg, "glu_linear_offset", 0.0))
         if not plain:
