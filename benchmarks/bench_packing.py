@@ -56,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--loss", default="qrm", choices=("qrm", "orm", "dpo"))
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--profile", help="comma list of configs (e.g. 'packed m=2,packed m=8'): after the timed rounds, "
+                   "profile one step of each (torch.profiler, top operators by self CPU time)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the process CPU time is the work done, robust to a loaded machine)")
     return p.parse_args(argv)
@@ -167,6 +169,16 @@ def main(argv=None) -> int:
                 if rnd:
                     times[name].append((time.perf_counter() - t0) / real_tokens[g])
                     cpu_times[name].append((time.process_time() - c0) / real_tokens[g])
+
+    for name in (args.profile.split(",") if args.profile else []):
+        if name.strip() not in configs:
+            raise SystemExit(f"--profile: {name!r} is not one of {', '.join(configs)}")
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step(configs[name.strip()][0])
+        print(f"--- profile: one step of {name.strip()}\n"
+              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
     print(f"model: {args.layers} layers, hidden {args.hidden}, heads {args.heads}/{args.groups} groups, "
           f"ffn {args.ffn}, "
