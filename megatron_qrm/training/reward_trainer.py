@@ -21,19 +21,18 @@ from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
 from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
-from megatron_qrm.data.packing import pack_collated, plan_microbatches, rank_microbatches, unsupported_reason
+from megatron_qrm.data.packing import pack_collated, plan_microbatches, rank_microbatches
 from megatron_qrm.data.sampler import GlobalBatchSampler
-from megatron_qrm.models import PrecisionConfig, build_model, count_parameters
 from megatron_qrm.models.lora import is_lora_param
-from megatron_qrm.planning import check_fits
 from megatron_qrm.rewards.scoring import (
     METRIC_NAMES,
     RewardLossConfig,
     reference_logps_forward_step,
     train_forward_step,
 )
-from megatron_qrm.training.engine import build_optimizer, run_global_batch, wrap_ddp
+from megatron_qrm.training.engine import run_global_batch
 from megatron_qrm.training.run_config import SupervisedRunConfig
+from megatron_qrm.training.supervised_setup import build_supervised_model
 from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
 
@@ -217,27 +216,9 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     checkpointing.preflight_save_dir(cfg.log_dir, "--log-dir")
 
     # ---- memory plan (refuses on a GPU when it cannot fit, unless --skip-memory-check), model, DDP, optimizer ----
-    seqs_per_pair = 2 if cfg.loss.role == "policy" else 1  # DPO-RM: an LM over both sequences of a pair
-    check_fits(model_cfg, "reward" if cfg.loss.role == "reward" else "policy",
-               tensor_parallel=cfg.parallel.tensor_model_parallel_size,
-               pipeline_parallel=cfg.parallel.pipeline_model_parallel_size, world_size=dist.get_world_size(),
-               micro_batch_size=cfg.micro_batch_size * seqs_per_pair,
-               global_batch_size=cfg.global_batch_size * seqs_per_pair, seq_length=cfg.data.seq_length,
-               lora_rank=cfg.lora.rank, bf16=cfg.optim.bf16, sequence_parallel=cfg.parallel.sequence_parallel,
-               recompute_granularity=cfg.recompute_granularity, transformer_impl=cfg.transformer_impl,
-               distributed_optimizer=cfg.optim.use_distributed_optimizer, skip=cfg.skip_memory_check)
-    model = build_model(model_cfg, cfg.loss.role, precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
-                        sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
-                        seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
-                        recompute_num_layers=cfg.recompute_num_layers, local_attention=cfg.local_attention)
-    if cfg.pack_sequences and unsupported_reason(model):
-        logger.message(f"sequence packing off: {unsupported_reason(model)}")
-        cfg = dataclasses.replace(cfg, pack_sequences=False)
-    total, trainable = count_parameters(model)
-    logger.message(f"model: role={cfg.loss.role} layer spec={model.transformer_impl} "
-                   f"params (this rank)={total:,} trainable={trainable:,} lora_rank={cfg.lora.rank}")
-    ddp = wrap_ddp(model, cfg.optim)
-    optimizer, scheduler = build_optimizer(ddp, cfg.optim, cfg.train_iters)
+    built = build_supervised_model(cfg, model_cfg, cfg.loss.role, logger,
+                                   sequences_per_sample=2 if cfg.loss.role == "policy" else 1)  # DPO-RM: LM over both
+    cfg, ddp, optimizer, scheduler = built.cfg, built.ddp, built.optimizer, built.scheduler
 
     # ---- load / resume ----
     state = checkpointing.TrainState()

@@ -16,16 +16,15 @@ from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data import check_tokenizer_identity, load_tokenizer, pad_multiple_for
 from megatron_qrm.data.chat import resolve_chat_template
-from megatron_qrm.data.packing import pack_collated, packed_seq_params, rank_microbatches, unpack, unsupported_reason
+from megatron_qrm.data.packing import pack_collated, packed_seq_params, rank_microbatches, unpack
 from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.data.sft import SFTDataConfig, SFTDataset
-from megatron_qrm.models import PrecisionConfig, build_model, count_parameters
 from megatron_qrm.models.logits import next_token_nll, real_vocab_size
 from megatron_qrm.models.lora import is_lora_param
-from megatron_qrm.planning import check_fits
-from megatron_qrm.training.engine import build_optimizer, to_device, wrap_ddp
+from megatron_qrm.training.engine import to_device
 from megatron_qrm.training.run_config import SupervisedRunConfig
+from megatron_qrm.training.supervised_setup import build_supervised_model
 from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
 
@@ -108,25 +107,8 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     checkpointing.preflight_save_dir(cfg.save, "--save", checkpointing.estimate_checkpoint_bytes(
         model_cfg, "policy", lora_rank=cfg.lora.rank, bf16=cfg.optim.bf16))
     checkpointing.preflight_save_dir(cfg.log_dir, "--log-dir")
-    check_fits(model_cfg, "policy", tensor_parallel=cfg.parallel.tensor_model_parallel_size,
-               pipeline_parallel=cfg.parallel.pipeline_model_parallel_size, world_size=dist.get_world_size(),
-               micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
-               seq_length=cfg.data.seq_length, lora_rank=cfg.lora.rank, bf16=cfg.optim.bf16,
-               sequence_parallel=cfg.parallel.sequence_parallel, recompute_granularity=cfg.recompute_granularity,
-               transformer_impl=cfg.transformer_impl, distributed_optimizer=cfg.optim.use_distributed_optimizer,
-               skip=cfg.skip_memory_check)
-    model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.optim.bf16), lora=cfg.lora,
-                        sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
-                        seed=cfg.parallel.seed, recompute_granularity=cfg.recompute_granularity,
-                        recompute_num_layers=cfg.recompute_num_layers, local_attention=cfg.local_attention)
-    if cfg.pack_sequences and unsupported_reason(model):
-        logger.message(f"sequence packing off: {unsupported_reason(model)}")
-        cfg = dataclasses.replace(cfg, pack_sequences=False)
-    total, trainable = count_parameters(model)
-    logger.message(f"model: policy, layer spec={model.transformer_impl}, params (this rank)={total:,} "
-                   f"trainable={trainable:,}")
-    ddp = wrap_ddp(model, cfg.optim)
-    optimizer, scheduler = build_optimizer(ddp, cfg.optim, cfg.train_iters)
+    built = build_supervised_model(cfg, model_cfg, "policy", logger)
+    cfg, ddp, optimizer, scheduler = built.cfg, built.ddp, built.optimizer, built.scheduler
 
     state = checkpointing.TrainState()
     resume_dir = checkpointing.resolve_checkpoint(cfg.load) if cfg.load else None
