@@ -100,8 +100,7 @@ def make_step(args, kind: str, batch):
     from megatron_qrm.config import ModelConfig
     from megatron_qrm.models import PrecisionConfig, build_model
     from megatron_qrm.parallel import set_seed
-    from megatron_qrm.rewards.scoring import RewardLossConfig, train_forward_step
-    from megatron_qrm.training.engine import OptimConfig, build_optimizer, run_global_batch, wrap_ddp
+    from megatron_qrm.rewards.scoring import RewardLossConfig
 
     set_seed(args.seed)
     heads = args.heads or max(1, args.hidden // 64)
@@ -109,8 +108,18 @@ def make_step(args, kind: str, batch):
                             ffn_hidden_size=args.ffn or 4 * args.hidden, vocab_size=args.vocab,
                             max_position_embeddings=max(args.seq_length, 128))
     loss_cfg = RewardLossConfig(kind)
-    optim_cfg = OptimConfig(lr=1e-5, bf16=False)
     model = build_model(model_cfg, loss_cfg.role, precision=PrecisionConfig(bf16=False))
+    return train_step_fn(model, loss_cfg, batch, lr=1e-5)
+
+
+def train_step_fn(model, loss_cfg, batch, lr: float):
+    """One optimizer step of the trainer on ``batch``, as ``qrm train-rm`` runs it: megatron-core DDP and
+    optimizer around ``model``, its forward-backward schedule, ``train_forward_step``. Also used by
+    bench_vs_hf.py."""
+    from megatron_qrm.rewards.scoring import train_forward_step
+    from megatron_qrm.training.engine import OptimConfig, build_optimizer, run_global_batch, wrap_ddp
+
+    optim_cfg = OptimConfig(lr=lr, bf16=False)
     ddp = wrap_ddp(model, optim_cfg)
     optimizer, scheduler = build_optimizer(ddp, optim_cfg, train_iters=1_000_000)
     forward_step = train_forward_step(loss_cfg)

@@ -174,32 +174,18 @@ class ProjectSide:
         return self.policy
 
     def setup(self, kind: str):
-        args, torch = self.args, self.torch
+        args = self.args
         if kind == "train":
+            from bench_rm_step import train_step_fn  # the trainer's step, shared with bench_rm_step.py
+
             from megatron_qrm import checkpointing
             from megatron_qrm.models import PrecisionConfig, build_model
-            from megatron_qrm.rewards.scoring import RewardLossConfig, train_forward_step
-            from megatron_qrm.training.engine import OptimConfig, build_optimizer, run_global_batch, wrap_ddp
+            from megatron_qrm.rewards.scoring import RewardLossConfig
 
             model = build_model(self.cfg, "reward", precision=PrecisionConfig(bf16=False),
                                 local_attention=args.local_attention)
             checkpointing.load_checkpoint(os.path.join(args.model_dir, "reward"), model, load_rng=False)
-            optim_cfg = OptimConfig(lr=1e-6, bf16=False)
-            ddp = wrap_ddp(model, optim_cfg)
-            optimizer, scheduler = build_optimizer(ddp, optim_cfg, train_iters=1_000_000)
-            forward_step = train_forward_step(RewardLossConfig("qrm"))
-            batch = train_batch(args)
-            ddp.train()
-
-            def step():
-                ddp.zero_grad_buffer()
-                optimizer.zero_grad()
-                run_global_batch(ddp, forward_step, [batch], forward_only=False)
-                optimizer.step()
-                scheduler.step(increment=1)
-                return None
-
-            return step
+            return train_step_fn(model, RewardLossConfig("qrm"), train_batch(args), lr=1e-6)
         from megatron_qrm.rl.rollout import SamplingConfig, generate
 
         model = self._policy()
