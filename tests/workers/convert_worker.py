@@ -12,8 +12,6 @@ Jobs (a JSON file):
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 
@@ -21,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from job_runner import run_jobs  # noqa: E402
 
 
 def run_verify(jobs: list[dict]) -> dict:
@@ -75,25 +74,7 @@ def run_eval_rm(job: dict) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--jobs", required=True)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    with open(args.jobs) as f:
-        jobs = json.load(f)
-    results: dict = {}
-    if jobs.get("verify"):
-        results["verify"] = run_verify(jobs["verify"])
-    if jobs.get("lora"):
-        results["lora"] = run_lora(jobs["lora"])
-    if jobs.get("eval_rm"):
-        run_eval_rm(jobs["eval_rm"])
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
-    from megatron_qrm import parallel
-
-    parallel.destroy()
+    run_jobs({"verify": run_verify, "lora": run_lora, "eval_rm": run_eval_rm})
 
 
 if __name__ == "__main__":
