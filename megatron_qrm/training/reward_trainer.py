@@ -18,9 +18,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, check_parallel_layout
-from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
-from megatron_qrm.data.chat import resolve_chat_template
-from megatron_qrm.data.tokenizer import check_tokenizer_identity
+from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, pad_multiple_for
 from megatron_qrm.data.packing import pack_collated, plan_microbatches, rank_microbatches
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models.lora import is_lora_param
@@ -32,7 +30,11 @@ from megatron_qrm.rewards.scoring import (
 )
 from megatron_qrm.training.engine import run_global_batch
 from megatron_qrm.training.run_config import SupervisedRunConfig
-from megatron_qrm.training.supervised_setup import build_supervised_model
+from megatron_qrm.training.supervised_setup import (
+    build_supervised_model,
+    load_run_tokenizer,
+    resolve_model_and_tokenizer,
+)
 from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
 
@@ -68,27 +70,6 @@ def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer
         # a full fine-tuned DPO-RM's reference policy (eval-rm's default --reference-checkpoint)
         "pretrained_checkpoint": os.path.abspath(cfg.pretrained_checkpoint) if cfg.pretrained_checkpoint else None,
     }
-
-
-def resolve_model_and_tokenizer(cfg: RewardTrainConfig) -> tuple[ModelConfig, str, Optional[dict]]:
-    """Model config and tokenizer: explicit flags, else from the checkpoint being loaded."""
-    saved = None
-    for flag, path in (("--load", cfg.load), ("--pretrained-checkpoint", cfg.pretrained_checkpoint)):
-        if path and checkpointing.resolve_checkpoint(path):
-            saved = checkpointing.read_config(path)
-            if cfg.model is not None:  # size flags that contradict the checkpoint: fail before any model
-                checkpointing.check_size_flags(cfg.model, saved, f"{flag} {path}")
-                if not cfg.model.vocab_size:  # the checkpoint's embedding rows, whatever the tokenizer
-                    cfg.model.vocab_size = int(saved["model"].get("vocab_size") or 0)
-            break
-    model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
-    if model_cfg is None:
-        raise ValueError("no model size given: pass --model PRESET or --num-layers/--hidden-size/... , "
-                         "or --load / --pretrained-checkpoint a checkpoint that records it")
-    tokenizer = cfg.tokenizer or (saved or {}).get("tokenizer")
-    if tokenizer is None:
-        raise ValueError("--tokenizer is required (HF tokenizer directory or SentencePiece .model)")
-    return model_cfg, tokenizer, saved
 
 
 def _dp_info() -> tuple[int, int]:
@@ -168,7 +149,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     _check_checkpoint_flags(cfg)
     # ---- parallel state ----
     parallel.initialize(cfg.parallel)
-    model_cfg, tokenizer_path, saved = resolve_model_and_tokenizer(cfg)
+    model_cfg, tokenizer_path, saved, saved_from = resolve_model_and_tokenizer(cfg)
     check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
     if saved and cfg.load and saved.get("reward_loss", {}).get("kind", cfg.loss.kind) != cfg.loss.kind:
         raise ValueError(f"--load {cfg.load} was trained with --reward-loss {saved['reward_loss']['kind']}, "
@@ -185,18 +166,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
                            run_config={"model": model_cfg.to_dict(), "loss": dataclasses.asdict(cfg.loss)})
 
     # ---- tokenizer and data ----
-    tokenizer = load_tokenizer(tokenizer_path)
-    if model_cfg.vocab_size == 0:
-        model_cfg.vocab_size = tokenizer.vocab_size
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocabulary is {model_cfg.vocab_size} (--vocab-size)")
-    tokenizer_change = None
-    if saved:
-        tokenizer_change = check_tokenizer_identity(
-            saved, tokenizer, tokenizer_path, checkpoint=cfg.load if resuming else cfg.pretrained_checkpoint,
-            model_vocab_size=model_cfg.vocab_size, allow_change=cfg.allow_tokenizer_change)
-    cfg.data = dataclasses.replace(cfg.data, chat_template=resolve_chat_template(cfg.data.chat_template, tokenizer, saved))
+    tokenizer, tokenizer_change = load_run_tokenizer(cfg, model_cfg, tokenizer_path, saved, saved_from)
     dataset = PreferenceDataset(cfg.data, tokenizer)
     logger.message(f"data {cfg.data.path}: {dataset.stats}")
     if len(dataset) == 0:

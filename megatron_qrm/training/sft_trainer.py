@@ -13,9 +13,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
-from megatron_qrm.config import ModelConfig, check_parallel_layout
-from megatron_qrm.data import check_tokenizer_identity, load_tokenizer, pad_multiple_for
-from megatron_qrm.data.chat import resolve_chat_template
+from megatron_qrm.config import check_parallel_layout
+from megatron_qrm.data import pad_multiple_for
 from megatron_qrm.data.packing import pack_collated, packed_seq_params, rank_microbatches, unpack
 from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
@@ -24,7 +23,11 @@ from megatron_qrm.models.logits import next_token_nll, real_vocab_size
 from megatron_qrm.models.lora import is_lora_param
 from megatron_qrm.training.engine import to_device
 from megatron_qrm.training.run_config import SupervisedRunConfig
-from megatron_qrm.training.supervised_setup import build_supervised_model
+from megatron_qrm.training.supervised_setup import (
+    build_supervised_model,
+    load_run_tokenizer,
+    resolve_model_and_tokenizer,
+)
 from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
 
@@ -59,39 +62,13 @@ def sft_forward_step(data_iterator, model):
 def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     cfg.optim.check()
     parallel.initialize(cfg.parallel)
-    saved = saved_from = None
-    for flag, path in (("--load", cfg.load), ("--pretrained-checkpoint", cfg.pretrained_checkpoint)):
-        if path and checkpointing.resolve_checkpoint(path):
-            saved, saved_from = checkpointing.read_config(path), path
-            if cfg.model is not None:  # size flags that contradict the checkpoint: fail before any model
-                checkpointing.check_size_flags(cfg.model, saved, f"{flag} {path}")
-                if not cfg.model.vocab_size:  # the checkpoint's embedding rows, whatever the tokenizer
-                    cfg.model.vocab_size = int(saved["model"].get("vocab_size") or 0)
-            break
-    model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
-    if model_cfg is None:
-        raise ValueError("no model size given: pass --model or --num-layers/--hidden-size/..., or --load / "
-                         "--pretrained-checkpoint a checkpoint that records it")
-    tokenizer_path = cfg.tokenizer or (saved or {}).get("tokenizer")
-    if not tokenizer_path:
-        raise ValueError("--tokenizer is required (HF tokenizer directory or SentencePiece .model)")
-    tokenizer = load_tokenizer(tokenizer_path)
-    if model_cfg.vocab_size == 0:
-        model_cfg.vocab_size = tokenizer.vocab_size
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                         f"is {model_cfg.vocab_size} (--vocab-size)")
-    tokenizer_change = None
-    if saved:
-        tokenizer_change = check_tokenizer_identity(saved, tokenizer, tokenizer_path, checkpoint=saved_from,
-                                                    model_vocab_size=model_cfg.vocab_size,
-                                                    allow_change=cfg.allow_tokenizer_change)
+    model_cfg, tokenizer_path, saved, saved_from = resolve_model_and_tokenizer(cfg)
+    tokenizer, tokenizer_change = load_run_tokenizer(cfg, model_cfg, tokenizer_path, saved, saved_from)
     check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
     logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=parallel.is_rank0(), tensorboard=cfg.tensorboard,
                            wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
                            total_steps=cfg.train_iters, desc="train-sft", run_config={"model": model_cfg.to_dict()},
                            supersede_after_start=True)
-    cfg.data = dataclasses.replace(cfg.data, chat_template=resolve_chat_template(cfg.data.chat_template, tokenizer, saved))
     dataset = SFTDataset(cfg.data, tokenizer)
     logger.message(f"data {cfg.data.path}: {dataset.stats}")
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()

@@ -1,6 +1,9 @@
-"""Model, DDP and optimizer of a supervised trainer (`qrm train-rm`, `qrm train-sft`), built the same way.
+"""What the supervised trainers (`qrm train-rm`, `qrm train-sft`) do alike before their loops.
 
-The memory plan runs first (on a GPU it refuses a layout that cannot fit, before any weight is allocated);
+:func:`resolve_model_and_tokenizer`: the model size and tokenizer from the flags, else from the checkpoint
+being resumed (``--load``) or started from (``--pretrained-checkpoint``), size flags that contradict it refused.
+:func:`load_run_tokenizer`: the tokenizer, checked against the model's vocabulary and the checkpoint's
+tokenizer, and the chat template it implies. :func:`build_supervised_model`: the memory plan runs first (on a GPU it refuses a layout that cannot fit, before any weight is allocated);
 then this rank's model, the packing check (a model whose attention cannot take packed sequences turns
 packing off, with a log line), megatron-core's DDP wrapper and optimizer.
 """
@@ -8,15 +11,61 @@ packing off, with a log line), megatron-core's DDP wrapper and optimizer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import torch.distributed as dist
 
+from megatron_qrm import checkpointing
+from megatron_qrm.config import ModelConfig
+from megatron_qrm.data import load_tokenizer
+from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.packing import unsupported_reason
+from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.models import PrecisionConfig, build_model, count_parameters
 from megatron_qrm.planning import check_fits
 from megatron_qrm.training.engine import build_optimizer, wrap_ddp
 from megatron_qrm.training.run_config import SupervisedRunConfig
+
+
+def resolve_model_and_tokenizer(cfg: SupervisedRunConfig) -> tuple[ModelConfig, str, Optional[dict], Optional[str]]:
+    """(model config, tokenizer path, the checkpoint's recorded config or None, that checkpoint's path)."""
+    saved = saved_from = None
+    for flag, path in (("--load", cfg.load), ("--pretrained-checkpoint", cfg.pretrained_checkpoint)):
+        if path and checkpointing.resolve_checkpoint(path):
+            saved, saved_from = checkpointing.read_config(path), path
+            if cfg.model is not None:  # size flags that contradict the checkpoint: fail before any model
+                checkpointing.check_size_flags(cfg.model, saved, f"{flag} {path}")
+                if not cfg.model.vocab_size:  # the checkpoint's embedding rows, whatever the tokenizer
+                    cfg.model.vocab_size = int(saved["model"].get("vocab_size") or 0)
+            break
+    model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
+    if model_cfg is None:
+        raise ValueError("no model size given: pass --model PRESET or --num-layers/--hidden-size/... , "
+                         "or --load / --pretrained-checkpoint a checkpoint that records it")
+    tokenizer = cfg.tokenizer or (saved or {}).get("tokenizer")
+    if not tokenizer:
+        raise ValueError("--tokenizer is required (HF tokenizer directory or SentencePiece .model)")
+    return model_cfg, tokenizer, saved, saved_from
+
+
+def load_run_tokenizer(cfg: SupervisedRunConfig, model_cfg: ModelConfig, tokenizer_path: str,
+                       saved: Optional[dict], saved_from: Optional[str]):
+    """(tokenizer, the recorded tokenizer change or None). Sets ``model_cfg.vocab_size`` when unknown and
+    ``cfg.data.chat_template`` to the template in use (the flag's, else the tokenizer's / checkpoint's)."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    if model_cfg.vocab_size == 0:
+        model_cfg.vocab_size = tokenizer.vocab_size
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocabulary is {model_cfg.vocab_size} (--vocab-size)")
+    tokenizer_change = None
+    if saved:
+        tokenizer_change = check_tokenizer_identity(saved, tokenizer, tokenizer_path, checkpoint=saved_from,
+                                                    model_vocab_size=model_cfg.vocab_size,
+                                                    allow_change=cfg.allow_tokenizer_change)
+    cfg.data = dataclasses.replace(cfg.data, chat_template=resolve_chat_template(cfg.data.chat_template, tokenizer,
+                                                                                 saved))
+    return tokenizer, tokenizer_change
 
 
 @dataclasses.dataclass
