@@ -59,42 +59,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class TransposedWeights:
-    """Contiguous ``[in, out]`` copies of linear weights, made on first use, for one decoding call.
-
-    On CPU, ``x @ W.T`` with few rows (a decode step: one row per sequence) runs 1.4-1.9x faster as a plain
-    ``mm`` against a contiguous transposed copy than through ``F.linear`` (MKL, fp32, 32 rows, the benchmark's
-    shapes), and the same at one row or thousands. The copies double the weights' memory while the decoder
-    lives and must be rebuilt after every optimizer step, so a decoder makes them only on CPU with several rows.
-    """
-
-    def __init__(self):
-        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        entry = self._copies.get(id(weight))
-        if entry is None or entry[0] is not weight:
-            entry = (weight, weight.detach().t().contiguous())
-            self._copies[id(weight)] = entry
-        return entry[1]
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-            transposed: Optional[TransposedWeights]) -> torch.Tensor:
-    if transposed is None:
-        return F.linear(x, weight, bias)
-    out = torch.matmul(x, transposed(weight))
-    return out if bias is None else out + bias
-
-
-def apply_linear(module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                 transposed: Optional[TransposedWeights] = None):
+def apply_linear(module, x: torch.Tensor, weight: Optional[torch.Tensor] = None):
     """``module(x)`` -> ``(output, bias)`` for a megatron-core tensor-parallel linear, in inference.
 
     Plain local Column/RowParallelLinear (no sequence parallelism, no gathered output, no pre-hooks):
-    ``F.linear`` (or a product with ``transposed`` copies of the weights) and, row-parallel under TP, an
-    all-reduce, then the module's forward hooks. ``weight`` overrides a column-parallel layer's weight (a
-    tied output layer).
+    ``F.linear`` and, row-parallel under TP, an all-reduce, then the module's forward hooks. ``weight``
+    overrides a column-parallel layer's weight (a tied output layer).
     """
     kind = type(module)
     plain = (kind in (ColumnParallelLinear, RowParallelLinear) and not torch.is_grad_enabled()
@@ -108,10 +78,9 @@ def apply_linear(module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
         return module(x) if weight is None else module(x, weight=weight, runtime_gather_output=False)
     bias = module.bias
     if kind is ColumnParallelLinear:
-        out = _linear(x, module.weight if weight is None else weight, None if module.skip_bias_add else bias,
-                      transposed)
+        out = F.linear(x, module.weight if weight is None else weight, None if module.skip_bias_add else bias)
     else:
-        out = _linear(x, module.weight, None, transposed)
+        out = F.linear(x, module.weight)
         if ps.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(out, group=ps.get_tensor_model_parallel_group())
         if bias is not None and not module.skip_bias_add:
@@ -151,7 +120,6 @@ class KVCacheDecoder:
         self.dtype = cfg.params_dtype
         self.batch_size = batch_size
         self.max_columns = max_columns
-        self.transposed = TransposedWeights() if torch.device(device).type == "cpu" and batch_size > 1 else None
         self.hidden = cfg.hidden_size
         self.head_dim = cfg.kv_channels
         self.scale = getattr(cfg, "softmax_scale", None) or 1.0 / math.sqrt(self.head_dim)
@@ -231,7 +199,7 @@ class KVCacheDecoder:
             hidden = self.final_layernorm(hidden)
         weight = (self.model.shared_embedding_or_output_weight()
                   if self.model.share_embeddings_and_output_weights else None)
-        logits, _ = apply_linear(self.model.output_layer, hidden, weight, self.transposed)
+        logits, _ = apply_linear(self.model.output_layer, hidden, weight)
         return logits[0]  # [b, V/tp]
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -251,7 +219,7 @@ class KVCacheDecoder:
         if not plain:  # megatron-core's own split (e.g. query groups replicated across TP ranks)
             q, k, v = attn.get_query_key_value_tensors(x, None)
             return self._rope(q, cos, sin), self._rope(k, cos, sin), v
-        mixed, _ = apply_linear(attn.linear_qkv, x, transposed=self.transposed)  # [s, b, ng * (np/ng + 2) * hn], grouped per KV head
+        mixed, _ = apply_linear(attn.linear_qkv, x)  # [s, b, ng * (np/ng + 2) * hn], grouped per KV head
         s, b = mixed.shape[:2]
         per = np_ // ng
         mixed = mixed.view(s, b, ng, per + 2, self.head_dim)
@@ -275,11 +243,11 @@ class KVCacheDecoder:
                  and not getattr(cfg, "glu_linear_offset", 0.0))
         if not plain:
             return mlp(x)
-        h, bias = apply_linear(mlp.linear_fc1, x, transposed=self.transposed)
+        h, bias = apply_linear(mlp.linear_fc1, x)
         if bias is not None:
             h = h + bias
         gate, up = h.chunk(2, dim=-1)
-        return apply_linear(mlp.linear_fc2, F.silu(gate) * up, transposed=self.transposed)
+        return apply_linear(mlp.linear_fc2, F.silu(gate) * up)
 
     def _layer(self, i: int, layer, hidden, cos, sin, start: int, mask, is_causal: bool):
         attn = layer.self_attention
@@ -294,26 +262,17 @@ class KVCacheDecoder:
         self.values[i][:, :, start:end] = v.permute(1, 2, 0, 3)
         keys, values = self.keys[i][:, :, :end], self.values[i][:, :, :end]
         groups = keys.shape[1]
-        if s == 1:
-            # One new token per row, no causal mask: the np/ng query heads that share a KV group are folded
-            # into the query-length dimension, [b, ng, np/ng, hn] against [b, ng, sk, hn]. Plain attention
-            # without GQA broadcasting: half the time of enable_gqa on CPU (32 rows, 8/2 heads, 130 keys).
-            # The key-padding mask [b, 1, 1, sk] broadcasts over the folded queries as over heads.
-            context = F.scaled_dot_product_attention(q.reshape(b, groups, np_ // groups, hn), keys, values,
-                                                     attn_mask=mask, scale=self.scale)
-            context = context.reshape(1, b, np_ * hn)  # [1, b, np * hn], heads in megatron's order
-        else:
-            kwargs = {}
-            if groups != np_:
-                if _SDPA_HAS_GQA:
-                    kwargs["enable_gqa"] = True
-                else:
-                    keys = keys.repeat_interleave(np_ // groups, dim=1)
-                    values = values.repeat_interleave(np_ // groups, dim=1)
-            context = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), keys, values, attn_mask=mask,
-                                                     is_causal=is_causal, scale=self.scale, **kwargs)
-            context = context.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np * hn]
-        out, bias = apply_linear(attn.linear_proj, context, transposed=self.transposed)
+        kwargs = {}
+        if groups != np_:
+            if _SDPA_HAS_GQA:
+                kwargs["enable_gqa"] = True
+            else:
+                keys = keys.repeat_interleave(np_ // groups, dim=1)
+                values = values.repeat_interleave(np_ // groups, dim=1)
+        context = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), keys, values, attn_mask=mask,
+                                                 is_causal=is_causal and s > 1, scale=self.scale, **kwargs)
+        context = context.permute(2, 0, 1, 3).reshape(s, b, np_ * hn)  # [s, b, np * hn]
+        out, bias = apply_linear(attn.linear_proj, context)
         hidden = residual + out if bias is None else residual + out + bias
         residual = hidden
         out, bias = self._mlp(layer.mlp, layer.pre_mlp_layernorm(hidden))
