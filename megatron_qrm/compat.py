@@ -32,6 +32,9 @@ the project calls), and where it is handled:
   :func:`write_legacy_common_state` adds the file after a save whenever the release did not write it, so
   one checkpoint format serves both: a checkpoint written by either release resumes under the other
   (model, Adam state, RNG, schedule) with the losses of an uninterrupted run (``tests/test_compat.py``).
+* Layer specs: 0.16 describes the local MLP as ``ModuleSpec(MLP, submodules=MLPSubmodules(...))``; 0.19
+  as ``functools.partial(MLP, submodules=MLPSubmodules(...))``. :func:`spec_submodules` returns the
+  submodules dataclass of either (the project's SwiGLU is plugged into it).
 * Unchanged but internal: ``checkpointing.SyncTorchDistSaveStrategy`` subclasses
   ``TorchDistSaveShardedStrategy`` and calls ``_replace_state_dict_keys_with_sharded_keys``,
   ``mcore_to_pyt_state_dict`` and ``MCoreSavePlanner`` (same signatures in 0.16.1 and 0.19.2; 0.19's
@@ -55,6 +58,17 @@ _KNOWN_NOISE = (
     ("megatron.core.distributed.distributed_data_parallel",
      "DistributedDataParallel: full_param_layout not provided"),
 )
+
+
+def spec_submodules(spec):
+    """The submodules dataclass of a layer-spec entry: a ``ModuleSpec`` (0.16) or a ``functools.partial``
+    of the module class with ``submodules=`` (0.19). Mutable: set fields on it to change the spec."""
+    if hasattr(spec, "submodules"):
+        return spec.submodules
+    keywords = getattr(spec, "keywords", None)
+    if keywords and "submodules" in keywords:
+        return keywords["submodules"]
+    raise TypeError(f"cannot find the submodules of layer-spec entry {spec!r}")
 
 
 def mcore_version() -> str:

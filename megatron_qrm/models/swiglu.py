@@ -61,6 +61,8 @@ def with_swiglu(spec):
     ``config.use_te_activation_func = True`` for megatron-core to call it)."""
     import copy
 
+    from megatron_qrm.compat import spec_submodules
+
     spec = copy.deepcopy(spec)
-    spec.submodules.mlp.submodules.activation_func = SwiGLU
+    spec_submodules(spec.submodules.mlp).activation_func = SwiGLU
     return spec
