@@ -285,7 +285,8 @@ def layer_activation_bytes_per_token(m: ModelConfig, i: PlanInput, *, lora_rank:
       (h + 2kv) and the output (h): ``3h + 3kv`` (+ fp32 log-sum-exp, ``4a`` bytes); megatron's unfused
       DotProductAttention keeps Q, K and V expanded to every head, the output (``4h``) and the softmax
       ``a * s`` in fp32 (4 B; bf16 adds its bf16 copy: 6 B);
-    * MLP (T): fc1's output (2f) and fc2's input (f) with the fused SwiGLU: ``3f``; unfused (CPU): ``5f``;
+    * MLP (T): fc1's output (2f) and fc2's input (f) with the fused SwiGLU: ``3f``; the project's SwiGLU
+      function (CPU, ``models/swiglu.py``) also keeps ``silu(gate)``: ``4f``;
     * LoRA: each adapter keeps its rank-r intermediate: ``4r`` per token, not split (TE: the adapters of qkv
       and fc1 re-normalise their input in fp32: + ``2 * (8h/t_sp + e*h)`` bytes);
     * selective recompute: the unfused core's saved tensors become the checkpoint inputs (``3h + 3kv``);
@@ -307,7 +308,7 @@ def layer_activation_bytes_per_token(m: ModelConfig, i: PlanInput, *, lora_rank:
     else:
         softmax_bytes = 4 if e == 4 else 6
         attn = 4 * h * e + a * i.seq_length * softmax_bytes
-    mlp = (3 if i.fused_activation else 5) * f * e
+    mlp = (3 if i.fused_activation else 4) * f * e
     total = norms / sp_div + (attn + mlp) / t
     if lora_rank > 0:
         total += 4 * lora_rank * e
