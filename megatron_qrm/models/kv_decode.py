@@ -43,6 +43,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP
 
+from megatron_qrm.models import rope
 from megatron_qrm.models.attention import _SDPA_HAS_GQA
 from megatron_qrm.models.swiglu import SwiGLU
 
@@ -52,11 +53,6 @@ def unwrap_model(model):
     while hasattr(model, "module"):
         model = model.module
     return model
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
 
 
 def apply_linear(module, x: torch.Tensor, weight: Optional[torch.Tensor] = None):
@@ -123,11 +119,10 @@ class KVCacheDecoder:
         self.hidden = cfg.hidden_size
         self.head_dim = cfg.kv_channels
         self.scale = getattr(cfg, "softmax_scale", None) or 1.0 / math.sqrt(self.head_dim)
-        # [max_positions, rot_dim] tables from the model's own rotary module (its base, its scaling)
+        # [max_positions, rot_dim / 2] half-width tables (models/rope.py) from the model's own rotary module
+        # (its base, its scaling)
         freqs = self.model.rotary_pos_emb(max_positions).reshape(max_positions, -1).float()
-        self.cos = freqs.cos().to(device=device, dtype=self.dtype)
-        self.sin = freqs.sin().to(device=device, dtype=self.dtype)
-        self.rot_dim = self.cos.shape[-1]
+        self.cos, self.sin = (t.to(device=device) for t in rope.half_cos_sin(freqs, self.dtype))
         self.keys: list[Optional[torch.Tensor]] = [None] * len(self.layers)  # [B, groups, max_columns, hn]
         self.values: list[Optional[torch.Tensor]] = [None] * len(self.layers)
         self.columns = 0  # cache columns filled
@@ -184,7 +179,7 @@ class KVCacheDecoder:
             hidden = torch.empty(s, b, self.hidden, dtype=self.dtype, device=self.device)
             dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank(),
                       group=ps.get_pipeline_model_parallel_group())
-        cos = self.cos[positions].transpose(0, 1).unsqueeze(2)  # [s, b, 1, rot]
+        cos = self.cos[positions].transpose(0, 1).unsqueeze(2)  # [s, b, 1, rot / 2]
         sin = self.sin[positions].transpose(0, 1).unsqueeze(2)
         start = self.columns
         for i, layer in enumerate(self.layers):
@@ -202,13 +197,6 @@ class KVCacheDecoder:
         logits, _ = apply_linear(self.model.output_layer, hidden, weight)
         return logits[0]  # [b, V/tp]
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [s, b, heads, hn] rotated (non-interleaved halves) over its first ``rot_dim`` channels."""
-        if self.rot_dim == x.shape[-1]:
-            return torch.addcmul(x * cos, rotate_half(x), sin)
-        rot, rest = x[..., : self.rot_dim], x[..., self.rot_dim:]
-        return torch.cat((torch.addcmul(rot * cos, rotate_half(rot), sin), rest), dim=-1)
-
     def _qkv(self, attn, x: torch.Tensor, cos, sin):
         """Rotated query [s, b, np, hn] and key [s, b, ng, hn], and value [s, b, ng, hn] of one layer."""
         cfg = self.config
@@ -218,14 +206,14 @@ class KVCacheDecoder:
                  and not getattr(cfg, "attention_output_gate", False))
         if not plain:  # megatron-core's own split (e.g. query groups replicated across TP ranks)
             q, k, v = attn.get_query_key_value_tensors(x, None)
-            return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+            return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
         mixed, _ = apply_linear(attn.linear_qkv, x)  # [s, b, ng * (np/ng + 2) * hn], grouped per KV head
         s, b = mixed.shape[:2]
         per = np_ // ng
         mixed = mixed.view(s, b, ng, per + 2, self.head_dim)
         v = mixed[:, :, :, per + 1]  # [s, b, ng, hn]
         if attn.q_layernorm is None and attn.k_layernorm is None:
-            qk = self._rope(mixed[:, :, :, : per + 1], cos.unsqueeze(2), sin.unsqueeze(2))  # one pass for q and k
+            qk = rope.apply_rope(mixed[:, :, :, : per + 1], cos.unsqueeze(2), sin.unsqueeze(2))  # one pass for q and k
             return qk[:, :, :, :per].reshape(s, b, np_, self.head_dim), qk[:, :, :, per], v
         q = mixed[:, :, :, :per].reshape(s, b, np_, self.head_dim)
         k = mixed[:, :, :, per]
@@ -233,7 +221,7 @@ class KVCacheDecoder:
             q = attn.q_layernorm(q)
         if attn.k_layernorm is not None:
             k = attn.k_layernorm(k)
-        return self._rope(q, cos, sin), self._rope(k, cos, sin), v
+        return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v
 
     def _mlp(self, mlp, x: torch.Tensor):
         cfg = self.config
