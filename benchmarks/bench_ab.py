@@ -12,10 +12,8 @@ imported weights. Make the second tree with ``git worktree add /tmp/base <commit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
@@ -43,31 +41,17 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as root:
         shapes.model_dir = root
         bench_vs_hf.make_models(shapes, root)
-        workers = []
-        for tree in trees:
-            cmd = [sys.executable, os.path.join(tree, "benchmarks", "bench_vs_hf.py"), "--worker", "project",
-                   "--model-dir", root] + shape_args + ["--threads", str(args.threads)]
-            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore", PYTHONPATH=tree)
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                    cwd=tree, stderr=subprocess.DEVNULL)
-            if not proc.stdout.readline():
-                raise SystemExit(f"{tree}: the worker did not start (run it by hand: {' '.join(cmd)})")
-            workers.append(proc)
-
-        def ask(proc) -> dict:
-            proc.stdin.write(json.dumps({"kind": args.kind}) + "\n")
-            proc.stdin.flush()
-            return json.loads(proc.stdout.readline())
-
-        for proc in workers:  # warm-up
-            ask(proc)
-        runs: list[list[dict]] = [[], []]
-        for _ in range(args.repeats):
-            for i, proc in enumerate(workers):
-                runs[i].append(ask(proc))
-        for proc in workers:
-            proc.stdin.close()
-            proc.wait()
+        workers = [bench_vs_hf.Worker(shapes, "project", tree=tree) for tree in trees]
+        try:
+            for w in workers:  # warm-up
+                w.ask(args.kind)
+            runs: list[list[dict]] = [[], []]
+            for _ in range(args.repeats):
+                for i, w in enumerate(workers):
+                    runs[i].append(w.ask(args.kind))
+        finally:
+            for w in workers:
+                w.close()
     med = []
     for tree, r in zip(trees, runs):
         wall = [x["seconds"] for x in r]

@@ -298,8 +298,12 @@ def worker(args) -> int:
 
 
 class Worker:
-    def __init__(self, args, side: str):
-        argv = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model-dir", args.model_dir]
+    """One side's worker process. ``tree``: run the project from that source tree instead of this one
+    (its own bench_vs_hf.py and package; ``bench_ab.py`` compares two trees this way)."""
+
+    def __init__(self, args, side: str, tree: str | None = None):
+        script = os.path.join(tree, "benchmarks", "bench_vs_hf.py") if tree else os.path.abspath(__file__)
+        argv = [sys.executable, script, "--worker", side, "--model-dir", args.model_dir]
         for k in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                   "vocab_size", "pairs", "seq_length", "batch", "prompt_len", "new_tokens", "mixed_lens",
                   "long_batch", "long_new_tokens", "short_new_tokens", "threads", "seed", "local_attention"):
@@ -308,8 +312,11 @@ class Worker:
                    PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
         env.pop("RANK", None)
         env.pop("WORLD_SIZE", None)
-        self.side = side
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        if tree:
+            env["PYTHONPATH"] = tree
+        self.side = side if not tree else f"{side} ({tree})"
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=tree)
         self.hello = self._read()
 
     def _read(self) -> dict:
