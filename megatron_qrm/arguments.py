@@ -134,7 +134,7 @@ def add_training_args(p: argparse.ArgumentParser, unit: str) -> None:
     add_failure_args(g)
 
 
-def add_packing_args(p: argparse.ArgumentParser, group_by_length: bool = True) -> None:
+def add_packing_args(p: argparse.ArgumentParser, group_by_length: bool = True, shared_prompts: bool = False) -> None:
     """Sequence packing (data/packing.py; README \"Packed sequences\"): train-rm, train-sft and the RL updates."""
     g = p.add_argument_group("sequence packing")
     g.add_argument("--no-pack-sequences", action="store_true",
@@ -143,6 +143,11 @@ def add_packing_args(p: argparse.ArgumentParser, group_by_length: bool = True) -
     g.add_argument("--pack-tokens", type=int,
                    help="tokens per packed micro-batch (default: the padded micro-batch's size: --micro-batch-size "
                         "x sequences per sample x --seq-length; RL updates: x the rollout's padded length)")
+    if shared_prompts:
+        g.add_argument("--pack-shared-prompts", action="store_true",
+                       help="pack each preference pair as its prompt once, then the chosen and the rejected response "
+                            "(each attending to the prompt and itself): the prompt is computed once; the losses are "
+                            "unchanged. Needs the local spec's SDPA attention (not Transformer Engine)")
     if group_by_length:
         g.add_argument("--group-by-length", action="store_true",
                        help="with --no-pack-sequences: length-sorted micro-batches within each global batch")

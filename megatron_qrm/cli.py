@@ -49,7 +49,7 @@ def build_train_rm_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--qrm-gamma", type=float, default=2.0)
     g.add_argument("--dpo-beta", type=float, default=0.1)
     add_training_args(p, unit="preference pairs")
-    add_packing_args(p)
+    add_packing_args(p, shared_prompts=True)
     add_lora_args(p)
     add_memory_args(p)
     add_checkpoint_args(p)
@@ -72,6 +72,7 @@ def _common_run_fields(args) -> dict:
         save_interval=args.save_interval, keep_last=args.keep_last, exit_interval=args.exit_interval,
         log_interval=args.log_interval, log_dir=args.log_dir, tensorboard=not args.no_tensorboard,
         wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, transformer_impl=args.transformer_impl,
+        local_attention=args.local_attention,
         recompute_granularity=args.recompute_granularity, recompute_num_layers=args.recompute_num_layers,
         skip_memory_check=args.skip_memory_check, max_nonfinite_steps=args.max_nonfinite_steps,
         allow_tokenizer_change=args.allow_tokenizer_change,
@@ -90,6 +91,7 @@ def run_train_rm(args) -> int:
                                   skip_long_prompts=args.skip_long_prompts, split=args.data_split,
                                   max_pairs=args.max_pairs, strict=args.strict_data),
         loss=RewardLossConfig(args.reward_loss, args.qrm_beta, args.qrm_gamma, args.dpo_beta),
+        pack_shared_prompts=args.pack_shared_prompts,
         **_common_run_fields(args),
     )
     train_reward_model(cfg)

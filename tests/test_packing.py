@@ -22,13 +22,15 @@ from megatron_qrm.data.packing import (
     first_fit_decreasing,
     group_by_length,
     pack_collated,
+    pack_pairs_shared_prompt,
     packed_seq_params,
     padding_share,
     plan_microbatches,
+    shared_prompt_pair_tokens,
     unpack,
 )
 from megatron_qrm.data.preference import TokenizedPair, collate_pairs
-from megatron_qrm.models.packed_attention import packed_causal_attention, varlen_layout
+from megatron_qrm.models.packed_attention import PrefixSharingPackedSeqParams, packed_causal_attention, varlen_layout
 
 WORKER = os.path.join(REPO, "tests", "workers", "packing_worker.py")
 CASES = ("qrm", "orm", "dpo", "qrm_lora", "orm_lora", "dpo_lora")
@@ -181,6 +183,85 @@ def test_packed_attention_equals_attention_per_sequence(groups):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_prefix_tree_attention_equals_attention_per_row():
+    """Shared-prompt layout: each branch attends to its prefix and itself; compared with softmax attention
+    written out per unpacked row (prefix + branch), values and gradients."""
+    torch.manual_seed(1)
+    # segments: prefix 0 (4 tokens) with branches 1 (3) and 2 (5); a lone sequence 3 (6); prefix 4 (2) with
+    # branches 5 (1) and 6 (2); a padding segment 7 (3)
+    lengths = [4, 3, 5, 6, 2, 1, 2, 3]
+    parent = [-1, 0, 0, -1, -1, 4, 4, -1]
+    heads, groups, d = 4, 2, 8
+    t = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    q = torch.randn(t, heads, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(t, groups, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(t, groups, d, dtype=torch.float64, requires_grad=True)
+    psp = PrefixSharingPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=9,
+                                       max_seqlen_kv=9, segment_parent=torch.tensor(parent),
+                                       position_ids=torch.zeros(t, dtype=torch.long))
+    out = packed_causal_attention(q, k, v, psp, softmax_scale=d ** -0.5, enable_gqa=False)
+    rows = [[0, 1], [0, 2], [3], [4, 5], [4, 6], [7]]  # the unpacked rows, as segment chains
+    expect = torch.zeros(t, heads * d, dtype=torch.float64)
+    seen = torch.zeros(t, dtype=torch.bool)
+    for chain in rows:
+        idx = torch.cat([torch.arange(int(cu[s]), int(cu[s + 1])) for s in chain])
+        n = idx.numel()
+        s_ = torch.einsum("qhd,khd->hqk", q[idx], k[idx].repeat_interleave(2, 1)) * d ** -0.5
+        s_ = s_.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        ctx = torch.einsum("hqk,khd->qhd", s_.softmax(-1), v[idx].repeat_interleave(2, 1)).reshape(n, heads * d)
+        fresh = ~seen[idx]  # a prefix's output is the same in every row that holds it: take it once
+        expect = expect.index_put((idx[fresh],), ctx[fresh])
+        seen[idx] = True
+    torch.testing.assert_close(out, expect, atol=1e-12, rtol=0)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(expect, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_pack_pairs_shared_prompt_lays_out_a_prefix_tree():
+    pairs = _pairs(4, 5) + [TokenizedPair([7], [8, 9], [10], False)]  # a 1-token prompt: nothing to share
+    batch = collate_pairs(pairs, 0, 1)
+    packed = pack_pairs_shared_prompt(batch, 0, 8)
+    # a plain loop: per pair prompt[:-1], then prompt[-1] + chosen, prompt[-1] + rejected
+    tokens, positions, parent, seg_lengths = [], [], [], []
+    for p in pairs:
+        pre = p.prompt_ids[:-1]
+        first = None
+        if pre:
+            first = len(seg_lengths)
+            tokens += pre
+            positions += list(range(len(pre)))
+            parent.append(-1)
+            seg_lengths.append(len(pre))
+        for resp in (p.chosen_ids, p.rejected_ids):
+            branch = p.prompt_ids[-1:] + resp
+            tokens += branch
+            positions += list(range(len(pre), len(pre) + len(branch)))
+            parent.append(-1 if first is None else first)
+            seg_lengths.append(len(branch))
+    real = len(tokens)
+    assert packed["tokens"][0, :real].tolist() == tokens
+    assert packed["position_ids"][0, :real].tolist() == positions
+    assert packed["tokens"].shape[1] == math.ceil(real / 8) * 8
+    assert packed["segment_parent"][:len(parent)].tolist() == parent
+    assert (packed["cu_seqlens"][1:len(seg_lengths) + 1] - packed["cu_seqlens"][:len(seg_lengths)]).tolist() == seg_lengths
+    # unpacking gives back every row, labels included
+    for key in ("tokens", "labels"):
+        back = unpack(packed[key][..., None], packed)[..., 0]
+        torch.testing.assert_close(back, torch.where(packed["unpack_valid"], batch[key], 0))
+    assert packed["unpack_valid"].sum(1).tolist() == [len(p.prompt_ids) + len(getattr(p, r))
+                                                      for r in ("chosen_ids", "rejected_ids") for p in pairs]
+    assert int(packed["max_seqlen"]) == max(packed["unpack_valid"].sum(1).tolist() + [packed["tokens"].shape[1] - real])
+    assert shared_prompt_pair_tokens(
+        torch.tensor([[len(p.prompt_ids) + len(p.chosen_ids), len(p.prompt_ids) + len(p.rejected_ids)] for p in pairs]).numpy(),
+        torch.tensor([len(p.prompt_ids) for p in pairs]).numpy()).sum() == real
+    with pytest.raises(ValueError, match="different prompts"):
+        bad = collate_pairs(pairs[:2], 0, 1)
+        bad["tokens"][2, 0] += 1
+        pack_pairs_shared_prompt(bad, 0, 8)
+
+
 # ----------------------------------------------------------------------------- training steps
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
@@ -197,7 +278,7 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_packed_step_equals_unpacked(results, layout, case):
     ref = results["tp1pp1"][case]["unpacked"]
-    for other in (results[layout][case]["unpacked"], results[layout][case]["packed"]):
+    for other in (results[layout][case]["unpacked"], results[layout][case]["packed"], results[layout][case]["shared"]):
         assert other["sums"]["num_valid"] == ref["sums"]["num_valid"] > 0
         for k in ref["sums"]:
             assert abs(ref["sums"][k] - other["sums"][k]) <= TOL * max(1.0, abs(ref["sums"][k])), k
@@ -222,6 +303,23 @@ def test_no_cross_sequence_leakage(results, case):
     assert torch.equal(leak["base"][others], leak["changed"][others])  # bit-identical
     row = leak["changed_row"]
     assert not torch.equal(leak["base"][row], leak["changed"][row])  # the changed sequence did change
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("case", CASES)
+def test_shared_prompt_packing_has_no_leakage(results, case):
+    """A changed rejected branch moves only its own row (not the chosen row sharing its prompt); a changed
+    shared prefix moves both rows of that pair and nothing else."""
+    leak = results["tp1pp1"][case]["shared_leakage"]
+    valid = leak["valid"]
+    assert int(leak["branch_rows"].sum()) == 1 and int(leak["prefix_rows"].sum()) == 2
+    for name in ("branch", "prefix"):
+        moved = leak[f"{name}_rows"]
+        others = valid & ~moved[:, None]
+        assert others.sum() > 0
+        assert torch.equal(leak["base"][others], leak[name][others]), name  # bit-identical
+        for row in moved.nonzero()[:, 0].tolist():
+            assert not torch.equal(leak["base"][row], leak[name][row]), (name, row)
 
 
 @pytest.mark.dist
@@ -255,6 +353,7 @@ def e2e(qrm_data, tiny_flags, qrm_batch, tmp_path_factory):
         for variant, extra in (("packed", []), ("padded", ["--no-pack-sequences"]),
                                ("grouped", ["--no-pack-sequences", "--group-by-length"]),
                                ("small_packs", ["--pack-tokens", "160"]),
+                               ("shared", ["--pack-shared-prompts"]),
                                ("exit", ["--exit-interval", "2"])):
             names.append(f"{kind}_{variant}")
             runs.append([*common, "--reward-loss", kind, *extra, "--save", str(out / names[-1])])
@@ -285,7 +384,8 @@ def test_train_rm_packed_losses_equal_padded(e2e, kind):
     assert "batching: padded, grouped by length" in results[f"{kind}_grouped"]["stdout"]
     want = losses(out / f"{kind}_padded")
     assert sorted(want) == list(range(1, E2E_STEPS + 1))
-    for variant in ("packed", "grouped", "small_packs", "dp2", "exit"):
+    assert "batching: packed micro-batches of up to 256 tokens, each prompt once" in results[f"{kind}_shared"]["stdout"]
+    for variant in ("packed", "grouped", "small_packs", "shared", "dp2", "exit"):
         got = losses(out / f"{kind}_{variant}")
         for step in range(1, E2E_STEPS + 1):
             assert abs(got[step] - want[step]) <= 1e-5, (variant, step, got, want)
@@ -337,4 +437,18 @@ def test_pack_tokens_smaller_than_a_pair_is_a_clear_error(qrm_data, tiny_flags):
                 "--train-iters", "1", "--pack-tokens", "10"], check=False)
     assert proc.returncode != 0
     assert "qrm train-rm: error: --pack-tokens 10 is smaller than the longest pair of --train-data" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--no-pack-sequences"], "--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences"),
+    (["--local-attention", "unfused"], "--pack-shared-prompts: megatron-core's unfused DotProductAttention"),
+])
+def test_pack_shared_prompts_without_a_prefix_tree_attention_is_a_clear_error(qrm_data, tiny_flags, flags, message):
+    from launch import qrm
+
+    proc = qrm(["train-rm", "--train-data", qrm_data.pairs, "--tokenizer", qrm_data.tokenizer, *tiny_flags,
+                "--train-iters", "1", "--pack-shared-prompts", *flags], check=False)
+    assert proc.returncode != 0
+    assert f"qrm train-rm: error: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -33,7 +33,7 @@ import torch
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
-PACKED_KEYS = ("cu_seqlens", "max_seqlen", "unpack_index", "unpack_valid")
+PACKED_KEYS = ("cu_seqlens", "max_seqlen", "unpack_index", "unpack_valid", "segment_parent")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -150,16 +150,109 @@ def pack_collated(batch: dict[str, torch.Tensor], pad_id: int, pad_to_multiple: 
     return out
 
 
+def shared_prompt_pair_tokens(sequence_lengths: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
+    """``[N]`` tokens of each pair packed by :func:`pack_pairs_shared_prompt`: both sequences
+    (``sequence_lengths`` ``[N, 2]``) less the shared ``prompt[:-1]`` (``prompt_lengths`` ``[N]``)."""
+    return np.asarray(sequence_lengths).sum(axis=1) - np.maximum(np.asarray(prompt_lengths) - 1, 0)
+
+
+def pack_pairs_shared_prompt(batch: dict[str, torch.Tensor], pad_id: int,
+                             pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+    """Pack a pair batch into one stream that computes each pair's prompt once (a prefix tree).
+
+    Each pair ``i`` becomes up to three segments: ``prompt[:-1]``, then ``prompt[-1] + chosen`` and
+    ``prompt[-1] + rejected``, both continuing the first (``segment_parent``); each branch attends to the shared
+    prefix and to itself only, with positions continuing the prefix's, so every token sees exactly what it sees
+    in its own unpacked row. The last prompt token is in both branches because its next-token log-prob (DPO-RM)
+    predicts each side's first response token. Scores of a shared-prefix token serve both rows in
+    :func:`unpack` (Q-RM / ORM read response positions only, DPO-RM the branch positions).
+
+    Args:
+        batch: a :func:`~megatron_qrm.data.preference.collate_pairs` batch (``[2B, S]``; rows ``i`` and ``B + i``
+            share their prompt), any extra entries kept as they are.
+        pad_id: id of the padding appended to reach a multiple of ``pad_to_multiple``.
+
+    Returns:
+        what :func:`pack_collated` returns (``tokens``, ``labels``, ``position_ids`` ``[1, T]``, ``cu_seqlens``
+        over the segments, ``max_seqlen`` = the longest row, ``unpack_index`` / ``unpack_valid`` ``[2B, S]``:
+        a rejected row's prompt columns point at the shared prefix), plus ``segment_parent`` long ``[n_seg]``
+        (-1: a root segment).
+    """
+    tokens = batch["tokens"]
+    n, s = tokens.shape
+    if n % 2:
+        raise ValueError(f"shared-prompt packing needs chosen/rejected row pairs, got {n} rows")
+    b = n // 2
+    resp = batch["response_mask"].bool()
+    if not bool(resp.any(dim=1).all()):
+        raise ValueError("shared-prompt packing needs a response token in every sequence")
+    cols = torch.arange(s)
+    prompt_len = torch.where(resp, cols.expand(n, s), torch.full_like(tokens, s)).amin(dim=1)  # [2B]
+    lengths = torch.where(resp, cols.expand(n, s) + 1, torch.zeros_like(tokens)).amax(dim=1)  # [2B]
+    if not torch.equal(prompt_len[:b], prompt_len[b:]) or not torch.equal(tokens[:b].masked_fill(
+            cols >= prompt_len[:b, None], 0), tokens[b:].masked_fill(cols >= prompt_len[b:, None], 0)):
+        raise ValueError("shared-prompt packing: a pair's chosen and rejected rows have different prompts")
+    shared = (prompt_len[:b] - 1).clamp(min=0)  # [B] tokens of prompt[:-1]
+    pair = torch.arange(b)
+    # segments of pair i: (prefix, chosen branch, rejected branch) as (row, first column, length)
+    seg_row = torch.stack([pair, pair, pair + b], dim=1).reshape(-1)
+    seg_col = torch.stack([torch.zeros_like(shared), shared, shared], dim=1).reshape(-1)
+    seg_len = torch.stack([shared, lengths[:b] - shared, lengths[b:] - shared], dim=1).reshape(-1)
+    keep = seg_len > 0  # pairs without a prompt to share (a 1-token prompt) have no prefix segment
+    new_index = keep.long().cumsum(0) - 1
+    prefix = torch.arange(b) * 3
+    parent = torch.stack([torch.full_like(pair, -1), *(torch.where(keep[prefix], new_index[prefix], -1),) * 2],
+                         dim=1).reshape(-1)
+    seg_row, seg_col, seg_len, parent = seg_row[keep], seg_col[keep], seg_len[keep], parent[keep]
+
+    real = int(seg_len.sum())
+    total = max(1, math.ceil(real / pad_to_multiple)) * pad_to_multiple
+    extra = total - real
+    seg_of_token = torch.repeat_interleave(torch.arange(seg_len.numel()), seg_len, output_size=real)
+    starts = seg_len.cumsum(0) - seg_len
+    row = seg_row[seg_of_token]
+    col = seg_col[seg_of_token] + torch.arange(real) - starts[seg_of_token]
+    unpack_index = torch.zeros(n, s, dtype=torch.long)
+    unpack_index[row, col] = torch.arange(real)
+    in_prefix = cols[None, :] < shared[:, None]  # [B, S]: a rejected row's prompt[:-1] is the chosen row's
+    unpack_index[b:][in_prefix] = unpack_index[:b][in_prefix]
+
+    def stream(x: torch.Tensor, fill: int) -> torch.Tensor:
+        return torch.cat([x[row, col], torch.full((extra,), fill, dtype=x.dtype)])[None]
+
+    out = dict(batch)
+    if "labels" in batch:
+        out["labels"] = stream(batch["labels"], pad_id)
+    out.update(
+        tokens=stream(tokens, pad_id),
+        position_ids=torch.cat([col, torch.arange(extra)])[None],
+        cu_seqlens=torch.tensor([0] + seg_len.cumsum(0).tolist() + ([total] if extra else []), dtype=torch.int32),
+        max_seqlen=torch.tensor(max(int(lengths.max()), extra), dtype=torch.long),
+        unpack_index=unpack_index,
+        unpack_valid=cols[None, :] < lengths[:, None],
+        segment_parent=torch.cat([parent, torch.full((1 if extra else 0,), -1, dtype=torch.long)]),
+    )
+    out.pop("seq_lengths", None)
+    return out
+
+
 def is_packed(batch: dict) -> bool:
     return "cu_seqlens" in batch
 
 
 def packed_seq_params(batch: dict) -> PackedSeqParams | None:
-    """megatron-core's THD parameters of a packed micro-batch (None for an unpacked one)."""
+    """megatron-core's THD parameters of a packed micro-batch (None for an unpacked one); with shared prompts
+    (:func:`pack_pairs_shared_prompt`) the local spec's prefix-tree variant."""
     if not is_packed(batch):
         return None
     cu = batch["cu_seqlens"].to(torch.int32)
     m = int(batch["max_seqlen"])
+    if "segment_parent" in batch:
+        from megatron_qrm.models.packed_attention import PrefixSharingPackedSeqParams
+
+        return PrefixSharingPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m,
+                                            max_seqlen_kv=m, segment_parent=batch["segment_parent"],
+                                            position_ids=batch["position_ids"].reshape(-1))
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m)
 
 
@@ -220,12 +313,26 @@ def rank_microbatches(global_indices: np.ndarray, sizes: np.ndarray, *, micro_ba
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
 
 
-def unsupported_reason(model) -> str | None:
+def unsupported_reason(model, shared_prompts: bool = False) -> str | None:
     """Why ``model`` cannot run packed sequences (None when it can): megatron-core's unfused
     ``DotProductAttention`` (local spec, ``--local-attention unfused``) refuses ``PackedSeqParams``;
-    :class:`~megatron_qrm.models.attention.SDPAttention` and Transformer Engine's attention accept them."""
+    :class:`~megatron_qrm.models.attention.SDPAttention` and Transformer Engine's attention accept them.
+    ``shared_prompts`` (:func:`pack_pairs_shared_prompt`): a prefix-tree mask, which only the local spec's
+    SDPA attention with megatron_qrm's RoPE (:class:`~megatron_qrm.models.attention.RopeSelfAttention`) runs."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     if any(isinstance(m, DotProductAttention) for m in model.modules()):
         return "megatron-core's unfused DotProductAttention (local spec) has no packed-sequence support"
+    if shared_prompts:
+        from megatron.core.transformer.attention import SelfAttention
+
+        from megatron_qrm.models import rope
+        from megatron_qrm.models.attention import RopeSelfAttention, SDPAttention
+
+        layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+        if any(not isinstance(m, RopeSelfAttention) or not isinstance(m.core_attention, SDPAttention) for m in layers):
+            return ("shared-prompt packing needs the local spec's SDPA attention (Transformer Engine's fused "
+                    "varlen attention cannot mask a prefix tree); use --transformer-impl local")
+        if layers and rope.supported(layers[0].config) is not None:
+            return f"shared-prompt packing does not support {rope.supported(layers[0].config)}"
     return None

@@ -238,10 +238,23 @@ class PreferenceDataset:
     def sequence_lengths(self) -> np.ndarray:
         """``[N, 2]`` int64 token counts of (prompt + chosen, prompt + rejected) of every pair (for packing
         and length grouping)."""
-        prompt = np.fromiter((len(self._prompts[k]) for k in self._pair_prompt), dtype=np.int64, count=len(self))
+        prompt = self.prompt_lengths()
         chosen = np.fromiter((len(c) for c in self._chosen), dtype=np.int64, count=len(self))
         rejected = np.fromiter((len(r) for r in self._rejected), dtype=np.int64, count=len(self))
         return np.stack([prompt + chosen, prompt + rejected], axis=1)
+
+    def prompt_lengths(self) -> np.ndarray:
+        """``[N]`` int64 prompt token counts of every pair (BOS included)."""
+        return np.fromiter((len(self._prompts[k]) for k in self._pair_prompt), dtype=np.int64, count=len(self))
+
+    def pair_tokens(self, shared_prompt: bool = False) -> np.ndarray:
+        """``[N]`` tokens a pair costs packed: both sequences, or with ``shared_prompt`` the prompt's first
+        ``len - 1`` tokens once (:func:`~megatron_qrm.data.packing.pack_pairs_shared_prompt`)."""
+        from megatron_qrm.data.packing import shared_prompt_pair_tokens
+
+        if shared_prompt:
+            return shared_prompt_pair_tokens(self.sequence_lengths(), self.prompt_lengths())
+        return self.sequence_lengths().sum(axis=1)
 
     def __repr__(self) -> str:
         return f"PreferenceDataset({self.cfg.path!r}, {self.stats})"

@@ -44,7 +44,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
-from megatron_qrm.models import rope
+from megatron_qrm.models import packed_attention, rope
 
 def _torch_at_least(major: int, minor: int) -> bool:
     parts = torch.__version__.split("+")[0].split(".")
@@ -138,11 +138,9 @@ class SDPAttention(MegatronModule):
         packed_seq_params: Optional[PackedSeqParams] = None,
     ) -> Tensor:
         if packed_seq_params is not None:  # THD: [t, heads, hn], causal within each cu_seqlens segment
-            from megatron_qrm.models.packed_attention import packed_causal_attention
-
             if attention_bias is not None or attention_mask is not None:
                 raise ValueError("packed sequences take no attention mask or bias (cu_seqlens delimit them)")
-            return packed_causal_attention(query, key, value, packed_seq_params, self.softmax_scale,
+            return packed_attention.packed_causal_attention(query, key, value, packed_seq_params, self.softmax_scale,
                                            self.dropout_p if self.training else 0.0, enable_gqa=_SDPA_HAS_GQA)
         if attention_bias is not None:
             raise ValueError("attention bias is not supported by SDPAttention")
@@ -203,6 +201,10 @@ class RopeSelfAttention(SelfAttention):
             and not getattr(self.config, "fused_single_qkv_rope", False)
             and (packed_seq_params is None or packed_seq_params.qkv_format == "thd")
         )
+        if packed_seq_params is not None and packed_attention.shares_prefixes(packed_seq_params) and (
+                not isinstance(self.core_attention, SDPAttention) or (rotary_pos_emb is not None and not take_over)):
+            raise ValueError("shared-prompt packing (--pack-shared-prompts) runs only on the local spec's SDPA "
+                             "attention with standard RoPE; this layer cannot mask a prefix tree")
         if not take_over:
             return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb,
                                    packed_seq_params=packed_seq_params, inference_context=inference_context,

@@ -24,6 +24,7 @@ The gather layout depends only on ``cu_seqlens``; it is built once per micro-bat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,28 +44,67 @@ BUCKET_RATIO = 0.7
 
 
 @dataclass
+class PrefixSharingPackedSeqParams(PackedSeqParams):
+    """THD parameters of a packed stream whose segments may continue another segment (a prefix tree).
+
+    ``cu_seqlens_q`` delimits the segments as usual; ``segment_parent`` ``[n_seg]`` long gives, per segment,
+    the segment it continues (-1: none). A token of a segment attends causally to its own segment and to all
+    of its ancestors' tokens, and its RoPE position is ``position_ids`` ``[t]`` (its column in the sequence it
+    belongs to: ancestors' lengths + offset). Shared-prompt packing (:func:`megatron_qrm.data.packing.
+    pack_pairs_shared_prompt`) lays a preference pair out as ``prompt[:-1]``, then ``prompt[-1] + chosen``
+    and ``prompt[-1] + rejected``, both continuing the first: the prompt is computed once, and each response
+    sees the prompt and itself only. Only the local spec's :class:`~megatron_qrm.models.attention.SDPAttention`
+    (with :class:`~megatron_qrm.models.attention.RopeSelfAttention`) runs it; ``max_seqlen_q`` is the longest
+    root-to-leaf sequence (the RoPE table's length).
+    """
+
+    segment_parent: Optional[Tensor] = None
+    position_ids: Optional[Tensor] = None
+
+
+def shares_prefixes(packed_seq_params: Optional[PackedSeqParams]) -> bool:
+    return isinstance(packed_seq_params, PrefixSharingPackedSeqParams) and \
+        packed_seq_params.segment_parent is not None
+
+
+@dataclass
 class VarlenLayout:
     """Where each packed token goes in the padded views, one ``[n_b, L_b]`` view per length bucket.
 
     Attributes:
         buckets: ``(offset, n_b, L_b)`` per bucket: its rows start at ``offset`` of the concatenated flat
             buffer (``sum n_b * L_b`` rows); each of its ``n_b`` sequences is left-aligned, right-padded to ``L_b``.
-        padded_position: LongTensor ``[t]``: row of each packed token in that flat buffer; distinct, so
+        padded_position: LongTensor ``[t]``: row of the flat buffer each packed token's output is taken from.
+            Without shared prefixes it is also where the token's input goes; the rows are distinct, so
             scattering with ``index_copy`` and gathering back with ``index_select`` are plain copies (their
             backward passes too; no accumulation).
         size: rows of the flat buffer.
+        source: None, or (shared prefixes) LongTensor ``[size]``: the packed token each flat row is filled
+            from (``index_select``; a prefix feeds the row of every sequence continuing it; padding rows take
+            token 0, which no real query sees under the causal mask and whose gradient is therefore zero).
     """
 
     buckets: list[tuple[int, int, int]]
     padded_position: Tensor
     size: int
+    source: Optional[Tensor] = None
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: Tensor, device, ratio: float = BUCKET_RATIO) -> "VarlenLayout":
+    def from_cu_seqlens(cls, cu_seqlens: Tensor, device, ratio: float = BUCKET_RATIO,
+                        segment_parent: Optional[Sequence[int]] = None) -> "VarlenLayout":
+        """Layout of the segments delimited by ``cu_seqlens``; with ``segment_parent`` (one entry per segment,
+        -1 = none, a parent before its children) each leaf segment's row holds its ancestors, then itself."""
         cu = cu_seqlens.to(dtype=torch.long, device="cpu")
         lengths = (cu[1:] - cu[:-1]).tolist()  # host copy: the bucket shapes are Python ints anyway
         if any(n < 0 for n in lengths):
             raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+        if segment_parent is None:
+            return cls._bucketed(lengths, cu, ratio, device)
+        return cls._prefix_tree(lengths, [int(p) for p in segment_parent], cu, ratio, device)
+
+    @staticmethod
+    def _buckets(lengths: list[int], ratio: float) -> tuple[list[tuple[int, int, int]], list[int], int]:
+        """Length buckets of rows of ``lengths``: (buckets, first flat row of each row, flat size)."""
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         buckets, members, row_start = [], [], [0] * len(lengths)
         offset = 0
@@ -79,10 +119,48 @@ class VarlenLayout:
         if members:
             buckets.append((offset, len(members), max(lengths[members[0]], 1)))
             offset += len(members) * max(lengths[members[0]], 1)
+        return buckets, row_start, offset
+
+    @classmethod
+    def _bucketed(cls, lengths: list[int], cu: Tensor, ratio: float, device) -> "VarlenLayout":
+        buckets, row_start, size = cls._buckets(lengths, ratio)
         starts = torch.tensor(row_start, dtype=torch.long)
         seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
         pos_in_seq = torch.arange(int(cu[-1])) - cu[:-1][seq_of_token]
-        return cls(buckets=buckets, padded_position=(starts[seq_of_token] + pos_in_seq).to(device), size=offset)
+        return cls(buckets=buckets, padded_position=(starts[seq_of_token] + pos_in_seq).to(device), size=size)
+
+    @classmethod
+    def _prefix_tree(cls, lengths: list[int], parent: list[int], cu: Tensor, ratio: float,
+                     device) -> "VarlenLayout":
+        n = len(lengths)
+        if len(parent) != n or any(not -1 <= p < i for i, p in enumerate(parent)):
+            raise ValueError(f"segment_parent must name an earlier segment (or -1) for each of the {n} segments, "
+                             f"got {parent}")
+        has_child = [False] * n
+        for p in parent:
+            if p >= 0:
+                has_child[p] = True
+        leaves = [i for i in range(n) if not has_child[i]]
+        chains = []  # per leaf: its segments, root first
+        for leaf in leaves:
+            chain = [leaf]
+            while parent[chain[-1]] >= 0:
+                chain.append(parent[chain[-1]])
+            chains.append(chain[::-1])
+        row_lengths = [sum(lengths[s] for s in chain) for chain in chains]
+        buckets, row_start, size = cls._buckets(row_lengths, ratio)
+        source = torch.zeros(size, dtype=torch.long)
+        output_row = torch.full((int(cu[-1]),), -1, dtype=torch.long)
+        for chain, start in zip(chains, row_start):  # one pass per leaf segment (a few per micro-batch)
+            offset = start
+            for s in chain:
+                a, b = int(cu[s]), int(cu[s + 1])
+                source[offset:offset + b - a] = torch.arange(a, b)
+                span = output_row[a:b]
+                if b > a and span[0] < 0:  # a shared prefix's output comes from the first row holding it
+                    span.copy_(torch.arange(offset, offset + b - a))
+                offset += b - a
+        return cls(buckets=buckets, padded_position=output_row.to(device), size=size, source=source.to(device))
 
 
 def varlen_layout(packed_seq_params: PackedSeqParams, device) -> VarlenLayout:
@@ -96,7 +174,8 @@ def varlen_layout(packed_seq_params: PackedSeqParams, device) -> VarlenLayout:
                 packed_seq_params.cu_seqlens_q_padded.cpu(), cu_q.cpu()):
             raise ValueError("the local spec's packed attention does not support cu_seqlens_q_padded "
                              "(pad inside the packed stream with a padding segment instead)")
-        layout = VarlenLayout.from_cu_seqlens(cu_q, device)
+        parent = packed_seq_params.segment_parent.tolist() if shares_prefixes(packed_seq_params) else None
+        layout = VarlenLayout.from_cu_seqlens(cu_q, device, segment_parent=parent)
         setattr(packed_seq_params, _LAYOUT_ATTR, layout)
     return layout
 
@@ -122,8 +201,10 @@ def packed_causal_attention(query: Tensor, key: Tensor, value: Tensor, packed_se
         raise ValueError(f"cu_seqlens cover {layout.padded_position.numel()} tokens but the packed stream has {t}")
     where = layout.padded_position
 
-    def flat(x: Tensor) -> Tensor:  # [t, heads, hn] -> [rows, heads, hn], zeros on every bucket's padding
-        return x.new_zeros(layout.size, x.shape[1], hn).index_copy(0, where, x)
+    def flat(x: Tensor) -> Tensor:  # [t, heads, hn] -> [rows, heads, hn]
+        if layout.source is not None:  # shared prefixes: a prefix token fills several rows
+            return x.index_select(0, layout.source)
+        return x.new_zeros(layout.size, x.shape[1], hn).index_copy(0, where, x)  # zeros on the padding
 
     q_all, k_all, v_all = flat(query), flat(key), flat(value)
     kwargs = {}

@@ -60,7 +60,10 @@ def packed_cos_sin(freqs: Tensor, cu_seqlens: Tensor, holder, dtype: torch.dtype
 
     Follows megatron-core's THD convention (``_apply_rotary_pos_emb_thd``, context parallel size 1): when the
     table has exactly ``t`` rows it already holds one row per packed token; otherwise token ``j`` of a sequence
-    takes row ``j``. Cached on ``holder`` (the micro-batch's ``PackedSeqParams``) for every layer.
+    takes row ``j``. A stream with shared prefixes (``holder.position_ids`` ``[t]``, see
+    :class:`~megatron_qrm.models.packed_attention.PrefixSharingPackedSeqParams`) takes the rows it names: a
+    segment continuing a prefix continues its positions. Cached on ``holder`` (the micro-batch's
+    ``PackedSeqParams``) for every layer.
     """
     key = (id(freqs), id(cu_seqlens), dtype)
     cache = getattr(holder, _PACKED_ATTR, None)
@@ -70,7 +73,13 @@ def packed_cos_sin(freqs: Tensor, cu_seqlens: Tensor, holder, dtype: torch.dtype
     if key not in cache:
         total = int(cu_seqlens[-1])
         cos, sin = half_cos_sin(freqs, dtype)
-        if freqs.shape[0] != total:
+        explicit = getattr(holder, "position_ids", None)
+        if explicit is not None:
+            pos = explicit.reshape(-1).to(device=freqs.device, dtype=torch.long)
+            if pos.numel() != total:
+                raise ValueError(f"position_ids has {pos.numel()} entries for a packed stream of {total} tokens")
+            cos, sin = cos.index_select(0, pos), sin.index_select(0, pos)
+        elif freqs.shape[0] != total:
             pos = packed_positions(cu_seqlens.to(freqs.device), total)
             cos, sin = cos.index_select(0, pos), sin.index_select(0, pos)
         # the tensors are kept alive with the entry, so their ids cannot be reused while it exists

@@ -19,7 +19,13 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, pad_multiple_for
-from megatron_qrm.data.packing import pack_collated, plan_microbatches, rank_microbatches
+from megatron_qrm.data.packing import (
+    pack_collated,
+    pack_pairs_shared_prompt,
+    plan_microbatches,
+    rank_microbatches,
+    unsupported_reason,
+)
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models.lora import is_lora_param
 from megatron_qrm.rewards.scoring import (
@@ -48,6 +54,7 @@ class RewardTrainConfig(SupervisedRunConfig):
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     micro_batch_size: int = 2  # pairs
     global_batch_size: int = 2  # pairs
+    pack_shared_prompts: bool = False  # packed pairs compute their prompt once (a prefix tree)
 
     sequences_per_sample: ClassVar[int] = 2
 
@@ -77,19 +84,22 @@ def _dp_info() -> tuple[int, int]:
 
 
 def _collate(dataset: PreferenceDataset, indices, pad_id: int, pad_multiple: int,
-             ref_sums: Optional[torch.Tensor], pack: bool = False) -> dict[str, torch.Tensor]:
-    """A [2B, S] pair batch, or (``pack``) one packed THD stream of its 2B sequences (data/packing.py)."""
+             ref_sums: Optional[torch.Tensor], pack: bool = False, share_prompts: bool = False) -> dict[str, torch.Tensor]:
+    """A [2B, S] pair batch, or (``pack``) one packed THD stream of its 2B sequences (data/packing.py), with
+    ``share_prompts`` each pair's prompt once."""
     idx = [int(i) for i in indices]
     batch = collate_pairs([dataset[i] for i in idx], pad_id, 1 if pack else pad_multiple, indices=idx)
     if ref_sums is not None:  # [N, 2] (chosen, rejected) -> [2B] in the batch's row order
         sel = ref_sums[torch.as_tensor(idx)]
         batch["ref_logps_sum"] = torch.cat([sel[:, 0], sel[:, 1]])
-    return pack_collated(batch, pad_id, pad_multiple) if pack else batch
+    if not pack:
+        return batch
+    return (pack_pairs_shared_prompt if share_prompts else pack_collated)(batch, pad_id, pad_multiple)
 
 
 def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size: int, pad_id: int,
-                            pad_multiple: int, logger: MetricsLogger,
-                            pack_capacity: Optional[int] = None) -> Optional[torch.Tensor]:
+                            pad_multiple: int, logger: MetricsLogger, pack_capacity: Optional[int] = None,
+                            share_prompts: bool = False) -> Optional[torch.Tensor]:
     """Sum of reference log-probs over each response, [N, 2] (chosen, rejected), on the last stage.
 
     The reference is the model as it is now (before any update): DPO-RM starts from it. Pairs are
@@ -100,7 +110,7 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
     sums = torch.zeros(n, 2, dtype=torch.float64)
     mine = list(range(dp_rank, n, dp_size))
     if pack_capacity:  # packed micro-batches of this rank's pairs
-        sizes = dataset.sequence_lengths().sum(axis=1)[mine]
+        sizes = dataset.pair_tokens(share_prompts)[mine]
         chunks = [[mine[j] for j in mb] for mb in plan_microbatches(sizes.tolist(), pack_capacity)]
     else:
         chunks = [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
@@ -112,7 +122,8 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
     with torch.no_grad():
         for s in range(int(steps)):
             idx = chunks[s] if s < len(chunks) else chunks[0][:1] if chunks else [0]
-            mb = _collate(dataset, idx, pad_id, pad_multiple, None, pack=bool(pack_capacity))
+            mb = _collate(dataset, idx, pad_id, pad_multiple, None, pack=bool(pack_capacity),
+                          share_prompts=share_prompts)
             outs = run_global_batch(model, reference_logps_forward_step(), [mb], forward_only=True)
             if s < len(chunks):
                 for out in outs:
@@ -175,10 +186,14 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     dp_rank, dp_size = _dp_info()
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
-    longest_pair = int(dataset.sequence_lengths().sum(axis=1).max())
+    if cfg.pack_shared_prompts and cfg.pack_capacity() is None:
+        raise ValueError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
+    pair_tokens = dataset.pair_tokens(cfg.pack_shared_prompts)  # [N] tokens of both sequences of each pair
+    longest_pair = int(pair_tokens.max())
     if cfg.pack_capacity() is not None and cfg.pack_capacity() < longest_pair:
         raise ValueError(f"--pack-tokens {cfg.pack_capacity()} is smaller than the longest pair of --train-data "
-                         f"({longest_pair} tokens, chosen + rejected); raise it or leave it unset")
+                         f"({longest_pair} tokens, chosen + rejected{' less the shared prompt' if cfg.pack_shared_prompts else ''}); "
+                         "raise it or leave it unset")
 
     # ---- pre-flight: --save / --log-dir writable, room for one checkpoint (before any model is built) ----
     checkpointing.preflight_save_dir(cfg.save, "--save", checkpointing.estimate_checkpoint_bytes(
@@ -189,6 +204,9 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     built = build_supervised_model(cfg, model_cfg, cfg.loss.role, logger,
                                    sequences_per_sample=2 if cfg.loss.role == "policy" else 1)  # DPO-RM: LM over both
     cfg, ddp, optimizer, scheduler = built.cfg, built.ddp, built.optimizer, built.scheduler
+    share_prompts = cfg.pack_shared_prompts
+    if share_prompts and unsupported_reason(built.model, shared_prompts=True):
+        raise ValueError(f"--pack-shared-prompts: {unsupported_reason(built.model, shared_prompts=True)}")
 
     # ---- load / resume ----
     state = checkpointing.TrainState()
@@ -209,7 +227,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
         logger.message(f"initialised from {cfg.pretrained_checkpoint} ({'fresh' if fresh_head else 'its'} head)")
     if cfg.loss.kind == "dpo" and ref_sums is None and not (resume_dir and not ps.is_pipeline_last_stage()):
         ref_sums = compute_reference_logps(ddp, dataset, cfg.micro_batch_size, tokenizer.pad_id, pad_multiple, logger,
-                                           pack_capacity=cfg.pack_capacity())
+                                           pack_capacity=cfg.pack_capacity(), share_prompts=share_prompts)
 
     ckpt_config = _checkpoint_config(cfg, model_cfg, tokenizer_path, tokenizer, saved, tokenizer_change)
     logger.start_step = state.iteration
@@ -223,18 +241,18 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
             logger.message(f"saved checkpoint {path}")
 
     # ---- training loop ----
-    pair_tokens = dataset.sequence_lengths().sum(axis=1)  # [N] tokens of both sequences of each pair
     capacity = cfg.pack_capacity()
     logger.message(f"batching: {f'packed micro-batches of up to {capacity} tokens' if capacity else 'padded'}"
-                   f"{', grouped by length' if cfg.group_by_length and not capacity else ''}")
+                   f"{', grouped by length' if cfg.group_by_length and not capacity else ''}"
+                   f"{', each prompt once' if share_prompts else ''}")
 
     def microbatches(consumed: int) -> list[dict]:
         # packed, length-grouped or (neither) the rank's contiguous slice, as GlobalBatchSampler.microbatches
         batch = sampler.global_batch(consumed)
         groups = rank_microbatches(batch, pair_tokens[batch], micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank,
                                    dp_size=dp_size, pack_capacity=capacity, group_by_length_=cfg.group_by_length)
-        return [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums, pack=capacity is not None)
-                for idx in groups]
+        return [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums, pack=capacity is not None,
+                         share_prompts=share_prompts) for idx in groups]
 
     def summarize(s: dict[str, float]) -> dict[str, float]:
         n = max(s["num_valid"], 1.0)

@@ -3,11 +3,13 @@
   init: build every case's model at TP=PP=1 from a fixed seed (LoRA B perturbed so the A path counts) and
         save it with dist_checkpointing, then do what `run` does.
   run:  load those weights at the requested (TP, PP); on the same global batch of pairs run
-        forward+backward through megatron-core's schedule twice -- unpacked (micro-batches of 2 pairs,
-        right-padded) and packed (THD streams planned by data/packing.py) -- and dump, for each, the metric
+        forward+backward through megatron-core's schedule three times -- unpacked (micro-batches of 2 pairs,
+        right-padded), packed (THD streams planned by data/packing.py) and packed with shared prompts
+        (prefix trees) -- and dump, for each, the metric
         sums, per-pair scores and every token's score / log-prob (forward-only pass), and the full
         (gathered) gradients. At TP=PP=1 also a leakage probe: one sequence of a packed stream changed,
-        every token output of the others dumped; and an SFT step packed vs unpacked.
+        every token output of the others dumped (shared prompts: a branch changed, then a prefix); and an
+        SFT step packed vs unpacked.
 """
 
 from __future__ import annotations
@@ -26,7 +28,12 @@ from parallel_worker import full_tensors  # noqa: E402
 
 from megatron_qrm import checkpointing, parallel  # noqa: E402
 from megatron_qrm.config import ModelConfig, ParallelConfig  # noqa: E402
-from megatron_qrm.data.packing import pack_collated, plan_microbatches  # noqa: E402
+from megatron_qrm.data.packing import (  # noqa: E402
+    pack_collated,
+    pack_pairs_shared_prompt,
+    plan_microbatches,
+    shared_prompt_pair_tokens,
+)
 from megatron_qrm.data.preference import TokenizedPair, collate_pairs, collate_sequences  # noqa: E402
 from megatron_qrm.models import LoRAConfig, build_model  # noqa: E402
 from megatron_qrm.rewards.scoring import (  # noqa: E402
@@ -80,6 +87,21 @@ def packed_microbatches(pairs, ref) -> list[dict]:
     out = []
     for idx in plan:
         b = pack_collated(collate_pairs([pairs[i] for i in idx], PAD, 1, indices=idx), PAD, 8)
+        b["ref_logps_sum"] = torch.cat([ref[idx, 0], ref[idx, 1]])
+        out.append(b)
+    return out
+
+
+def shared_microbatches(pairs, ref) -> list[dict]:
+    """Shared-prompt packing: each pair's prompt[:-1] once, then both branches (a prefix tree)."""
+    lengths = torch.tensor([[len(p.prompt_ids) + len(p.chosen_ids), len(p.prompt_ids) + len(p.rejected_ids)]
+                            for p in pairs]).numpy()
+    sizes = shared_prompt_pair_tokens(lengths, torch.tensor([len(p.prompt_ids) for p in pairs]).numpy())
+    plan = plan_microbatches(sizes.tolist(), CAPACITY)
+    assert len(plan) >= 2, plan
+    out = []
+    for idx in plan:
+        b = pack_pairs_shared_prompt(collate_pairs([pairs[i] for i in idx], PAD, 1, indices=idx), PAD, 8)
         b["ref_logps_sum"] = torch.cat([ref[idx, 0], ref[idx, 1]])
         out.append(b)
     return out
@@ -140,6 +162,27 @@ def leakage(ddp, loss_cfg, pairs, ref) -> dict:
         out = [run_global_batch(ddp, fwd, [m], forward_only=True)[0][key] for m in (mb, changed)]
     return {"base": out[0], "changed": out[1], "changed_row": int((mb["unpack_index"] == a).nonzero()[0, 0]),
             "valid": mb["unpack_valid"]}
+
+
+def shared_leakage(ddp, loss_cfg, pairs, ref) -> dict:
+    """Token outputs of one shared-prompt stream; with a rejected branch changed; with a shared prefix changed."""
+    mb = shared_microbatches(pairs, ref)[0]
+    parent = mb["segment_parent"]
+    seg = int((parent >= 0).nonzero()[1, 0])  # the second branch of the first prefix: a rejected branch
+    prefix = int(parent[seg])
+    fwd = reference_logps_forward_step() if loss_cfg.kind == "dpo" else token_credit_forward_step(loss_cfg)
+    key = "ref_logps" if loss_cfg.kind == "dpo" else "token_credits"
+    res = {"valid": mb["unpack_valid"]}
+    with torch.no_grad():
+        res["base"] = run_global_batch(ddp, fwd, [mb], forward_only=True)[0][key]
+        for name, s in (("branch", seg), ("prefix", prefix)):
+            changed = {k: v.clone() for k, v in mb.items()}
+            a, b = int(mb["cu_seqlens"][s]), int(mb["cu_seqlens"][s + 1])
+            changed["tokens"][0, a:b] = (changed["tokens"][0, a:b] + 7) % (VOCAB - 4) + 4
+            res[name] = run_global_batch(ddp, fwd, [changed], forward_only=True)[0][key]
+            # the rows holding a changed token
+            res[f"{name}_rows"] = ((mb["unpack_index"] >= a) & (mb["unpack_index"] < b) & mb["unpack_valid"]).any(1)
+    return res
 
 
 def sft_step(ddp, optimizer, pairs) -> list[dict]:
@@ -236,9 +279,11 @@ def main() -> None:
         optimizer, _ = build_optimizer(ddp, optim, train_iters=10)
         checkpointing.load_checkpoint(ckpt, ddp, load_rng=False)
         res = {"unpacked": step(ddp, optimizer, loss_cfg, unpacked_microbatches(pairs, ref)),
-               "packed": step(ddp, optimizer, loss_cfg, packed_microbatches(pairs, ref))}
+               "packed": step(ddp, optimizer, loss_cfg, packed_microbatches(pairs, ref)),
+               "shared": step(ddp, optimizer, loss_cfg, shared_microbatches(pairs, ref))}
         if args.tp == args.pp == 1:
             res["leakage"] = leakage(ddp, loss_cfg, pairs, ref)
+            res["shared_leakage"] = shared_leakage(ddp, loss_cfg, pairs, ref)
             if name in ("dpo", "dpo_lora"):
                 res["sft"] = sft_step(ddp, optimizer, pairs)
         results[name] = res
