@@ -10,9 +10,10 @@ What is measured (single process; CPU, or a GPU if there is one):
   :class:`~megatron_qrm.data.sampler.GlobalBatchSampler`), each cut into micro-batches the way ``qrm train-rm``
   does: **padded** (today's default before packing: ``--micro-batch-size`` pairs per micro-batch, each padded to
   its longest sequence), **grouped** (``--no-pack-sequences --group-by-length``: the same, the global batch
-  sorted by length first) and **packed** (``data/packing.py``: micro-batches of up to micro-batch x 2 x
-  ``--seq-length`` tokens, THD, no padding but the rounding of each stream to a multiple of 8), at every
-  micro-batch size of ``--micro-batch-sizes``;
+  sorted by length first), **packed** (``data/packing.py``: micro-batches of up to micro-batch x 2 x
+  ``--seq-length`` tokens, THD, no padding but the rounding of each stream to a multiple of 8) and **shared**
+  (``--pack-shared-prompts``: packed, each pair's prompt computed once), at every micro-batch size of
+  ``--micro-batch-sizes``; real tokens are the unpacked pairs' tokens (both sequences) in every configuration;
 * one full optimizer step per global batch (the trainer's model, DDP, optimizer and forward step); the
   configurations run in turns (padded m=2, grouped m=2, packed m=2, padded m=8, ...; ``--repeats`` rounds after
   one warm-up round) so that a change in machine load hits them alike. Reported: padding share of the computed
@@ -116,7 +117,7 @@ def main(argv=None) -> int:
           f"{np.percentile(lengths, 5):.0f}/{np.median(lengths):.0f}/{np.percentile(lengths, 95):.0f}/{lengths.max()}")
     prompt_tokens = sum(len(dataset[i].prompt_ids) for i in range(len(dataset)))
     print(f"each pair's prompt is computed twice: the second copy is {prompt_tokens / lengths.sum():.1%} of the real "
-          "tokens (what shared-prompt packing would save; not built)")
+          "tokens (what shared-prompt packing, --pack-shared-prompts, saves less one token per pair)")
 
     loss_cfg = RewardLossConfig(args.loss)
     model_cfg = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
@@ -135,15 +136,16 @@ def main(argv=None) -> int:
     mbs_list = [int(m) for m in args.micro_batch_sizes.split(",")]
     for mbs in mbs_list:
         sampler = GlobalBatchSampler(len(dataset), args.global_batch_size, mbs, 0, 1, seed=args.seed)
-        for mode in ("padded", "grouped", "packed"):
-            capacity = mbs * 2 * args.seq_length if mode == "packed" else None
+        for mode in ("padded", "grouped", "packed", "shared"):
+            capacity = mbs * 2 * args.seq_length if mode in ("packed", "shared") else None
+            sizes = dataset.pair_tokens(shared_prompt=mode == "shared")
             batches = []
             for g in range(args.global_batches):
                 gb = sampler.global_batch(g * args.global_batch_size)
-                groups = rank_microbatches(gb, pair_tokens[gb], micro_batch_size=mbs, dp_rank=0, dp_size=1,
+                groups = rank_microbatches(gb, sizes[gb], micro_batch_size=mbs, dp_rank=0, dp_size=1,
                                            pack_capacity=capacity, group_by_length_=mode == "grouped")
-                batches.append([_collate(dataset, idx, tokenizer.pad_id, 8, ref, pack=capacity is not None)
-                                for idx in groups])
+                batches.append([_collate(dataset, idx, tokenizer.pad_id, 8, ref, pack=capacity is not None,
+                                         share_prompts=mode == "shared") for idx in groups])
             configs[f"{mode} m={mbs}"] = batches
     real_tokens = [int(pair_tokens[GlobalBatchSampler(len(dataset), args.global_batch_size, 1, 0, 1,
                                                        seed=args.seed).global_batch(g * args.global_batch_size)].sum())

@@ -144,10 +144,14 @@ def add_packing_args(p: argparse.ArgumentParser, group_by_length: bool = True, s
                    help="tokens per packed micro-batch (default: the padded micro-batch's size: --micro-batch-size "
                         "x sequences per sample x --seq-length; RL updates: x the rollout's padded length)")
     if shared_prompts:
-        g.add_argument("--pack-shared-prompts", action="store_true",
+        s = g.add_mutually_exclusive_group()
+        s.add_argument("--pack-shared-prompts", action="store_true", default=None,
                        help="pack each preference pair as its prompt once, then the chosen and the rejected response "
-                            "(each attending to the prompt and itself): the prompt is computed once; the losses are "
-                            "unchanged. Needs the local spec's SDPA attention (not Transformer Engine)")
+                            "(each attending to the prompt and itself): the prompt is computed once, the losses are "
+                            "unchanged. Needs the local spec's SDPA attention (not Transformer Engine). Default: on "
+                            "where packing is on and the attention supports it")
+        s.add_argument("--no-pack-shared-prompts", dest="pack_shared_prompts", action="store_false",
+                       help="pack both sequences of a pair whole (the prompt computed twice)")
     if group_by_length:
         g.add_argument("--group-by-length", action="store_true",
                        help="with --no-pack-sequences: length-sorted micro-batches within each global batch")

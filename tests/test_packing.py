@@ -244,6 +244,7 @@ def test_pack_pairs_shared_prompt_lays_out_a_prefix_tree():
     assert packed["tokens"][0, :real].tolist() == tokens
     assert packed["position_ids"][0, :real].tolist() == positions
     assert packed["tokens"].shape[1] == math.ceil(real / 8) * 8
+    assert padding_share([packed]) == pytest.approx(1 - real / packed["tokens"].shape[1])
     assert packed["segment_parent"][:len(parent)].tolist() == parent
     assert (packed["cu_seqlens"][1:len(seg_lengths) + 1] - packed["cu_seqlens"][:len(seg_lengths)]).tolist() == seg_lengths
     # unpacking gives back every row, labels included
@@ -342,9 +343,10 @@ E2E_STEPS = 4
 
 @pytest.fixture(scope="module")
 def e2e(qrm_data, tiny_flags, qrm_batch, tmp_path_factory):
-    """train-rm runs on the same data: packed (default), --no-pack-sequences, --group-by-length, packed with
-    2 data-parallel ranks, and a packed run that exits at step 2 and resumes; qrm and dpo (whose reference
-    log-probs are computed packed too)."""
+    """train-rm runs on the same data: packed (default: each pair's prompt once), packed with whole pairs
+    (--no-pack-shared-prompts), --no-pack-sequences, --group-by-length, packed with 2 data-parallel ranks, and a
+    packed run that exits at step 2 and resumes; qrm and dpo (whose reference log-probs are computed packed
+    too)."""
     out = tmp_path_factory.mktemp("packing_e2e")
     common = ["train-rm", "--train-data", qrm_data.pairs, "--tokenizer", qrm_data.tokenizer, *tiny_flags, *E2E_FLAGS,
               "--train-iters", str(E2E_STEPS)]
@@ -353,7 +355,7 @@ def e2e(qrm_data, tiny_flags, qrm_batch, tmp_path_factory):
         for variant, extra in (("packed", []), ("padded", ["--no-pack-sequences"]),
                                ("grouped", ["--no-pack-sequences", "--group-by-length"]),
                                ("small_packs", ["--pack-tokens", "160"]),
-                               ("shared", ["--pack-shared-prompts"]),
+                               ("unshared", ["--no-pack-shared-prompts"]),
                                ("exit", ["--exit-interval", "2"])):
             names.append(f"{kind}_{variant}")
             runs.append([*common, "--reward-loss", kind, *extra, "--save", str(out / names[-1])])
@@ -380,12 +382,12 @@ def test_train_rm_packed_losses_equal_padded(e2e, kind):
     from conftest import losses
 
     out, results = e2e
-    assert "batching: packed micro-batches of up to 256 tokens" in results[f"{kind}_packed"]["stdout"]
+    assert "batching: packed micro-batches of up to 256 tokens, each prompt once" in results[f"{kind}_packed"]["stdout"]
+    assert "batching: packed micro-batches of up to 256 tokens\n" in results[f"{kind}_unshared"]["stdout"]
     assert "batching: padded, grouped by length" in results[f"{kind}_grouped"]["stdout"]
     want = losses(out / f"{kind}_padded")
     assert sorted(want) == list(range(1, E2E_STEPS + 1))
-    assert "batching: packed micro-batches of up to 256 tokens, each prompt once" in results[f"{kind}_shared"]["stdout"]
-    for variant in ("packed", "grouped", "small_packs", "shared", "dp2", "exit"):
+    for variant in ("packed", "grouped", "small_packs", "unshared", "dp2", "exit"):
         got = losses(out / f"{kind}_{variant}")
         for step in range(1, E2E_STEPS + 1):
             assert abs(got[step] - want[step]) <= 1e-5, (variant, step, got, want)

@@ -150,6 +150,14 @@ def pack_collated(batch: dict[str, torch.Tensor], pad_id: int, pad_to_multiple: 
     return out
 
 
+def check_pack_capacity(capacity: int | None, longest: int, what: str) -> None:
+    """Fail before training when the longest sample (``what``: e.g. "pair of --train-data (... tokens, chosen
+    + rejected)") cannot fit in a packed micro-batch of ``capacity`` tokens (None: packing off)."""
+    if capacity is not None and capacity < longest:
+        raise ValueError(f"--pack-tokens {capacity} is smaller than the longest {what.format(longest=longest)}; "
+                         "raise it or leave it unset")
+
+
 def shared_prompt_pair_tokens(sequence_lengths: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:
     """``[N]`` tokens of each pair packed by :func:`pack_pairs_shared_prompt`: both sequences
     (``sequence_lengths`` ``[N, 2]``) less the shared ``prompt[:-1]`` (``prompt_lengths`` ``[N]``)."""
@@ -273,8 +281,8 @@ def padding_share(batches: Sequence[dict]) -> float:
     computed = padded = 0
     for b in batches:
         computed += b["tokens"].numel()
-        if is_packed(b):
-            padded += b["tokens"].numel() - int(b["unpack_valid"].sum())
+        if is_packed(b):  # the stream's tokens that no row reads back (a shared prompt is one token, read twice)
+            padded += b["tokens"].numel() - int(b["unpack_index"][b["unpack_valid"]].unique().numel())
         else:
             resp = b["response_mask"].bool()
             s = resp.shape[1]

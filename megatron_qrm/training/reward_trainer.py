@@ -20,6 +20,7 @@ from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, pad_multiple_for
 from megatron_qrm.data.packing import (
+    check_pack_capacity,
     pack_collated,
     pack_pairs_shared_prompt,
     plan_microbatches,
@@ -54,7 +55,8 @@ class RewardTrainConfig(SupervisedRunConfig):
     loss: RewardLossConfig = field(default_factory=RewardLossConfig)
     micro_batch_size: int = 2  # pairs
     global_batch_size: int = 2  # pairs
-    pack_shared_prompts: bool = False  # packed pairs compute their prompt once (a prefix tree)
+    # packed pairs compute their prompt once (a prefix tree); None: when packing is on and the attention can
+    pack_shared_prompts: Optional[bool] = None
 
     sequences_per_sample: ClassVar[int] = 2
 
@@ -188,12 +190,10 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
     if cfg.pack_shared_prompts and cfg.pack_capacity() is None:
         raise ValueError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
-    pair_tokens = dataset.pair_tokens(cfg.pack_shared_prompts)  # [N] tokens of both sequences of each pair
-    longest_pair = int(pair_tokens.max())
-    if cfg.pack_capacity() is not None and cfg.pack_capacity() < longest_pair:
-        raise ValueError(f"--pack-tokens {cfg.pack_capacity()} is smaller than the longest pair of --train-data "
-                         f"({longest_pair} tokens, chosen + rejected{' less the shared prompt' if cfg.pack_shared_prompts else ''}); "
-                         "raise it or leave it unset")
+    # shared prompts (unless turned off) make pairs shorter; if they turn out unsupported, checked again below
+    check_pack_capacity(cfg.pack_capacity(), int(dataset.pair_tokens(cfg.pack_shared_prompts is not False).max()),
+                        "pair of --train-data ({longest} tokens, chosen + rejected"
+                        f"{'' if cfg.pack_shared_prompts is False else ' less the shared prompt'})")
 
     # ---- pre-flight: --save / --log-dir writable, room for one checkpoint (before any model is built) ----
     checkpointing.preflight_save_dir(cfg.save, "--save", checkpointing.estimate_checkpoint_bytes(
@@ -204,9 +204,14 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     built = build_supervised_model(cfg, model_cfg, cfg.loss.role, logger,
                                    sequences_per_sample=2 if cfg.loss.role == "policy" else 1)  # DPO-RM: LM over both
     cfg, ddp, optimizer, scheduler = built.cfg, built.ddp, built.optimizer, built.scheduler
-    share_prompts = cfg.pack_shared_prompts
-    if share_prompts and unsupported_reason(built.model, shared_prompts=True):
-        raise ValueError(f"--pack-shared-prompts: {unsupported_reason(built.model, shared_prompts=True)}")
+    no_tree = unsupported_reason(built.model, shared_prompts=True)
+    if cfg.pack_shared_prompts and no_tree:
+        raise ValueError(f"--pack-shared-prompts: {no_tree}")
+    share_prompts = cfg.pack_capacity() is not None and cfg.pack_shared_prompts is not False and not no_tree
+    if cfg.pack_capacity() is not None and cfg.pack_shared_prompts is None and no_tree:
+        logger.message(f"shared-prompt packing off: {no_tree}")
+        check_pack_capacity(cfg.pack_capacity(), int(dataset.pair_tokens().max()),
+                            "pair of --train-data ({longest} tokens, chosen + rejected)")
 
     # ---- load / resume ----
     state = checkpointing.TrainState()
@@ -242,6 +247,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
 
     # ---- training loop ----
     capacity = cfg.pack_capacity()
+    pair_tokens = dataset.pair_tokens(share_prompts)  # [N] tokens each pair costs in a packed micro-batch
     logger.message(f"batching: {f'packed micro-batches of up to {capacity} tokens' if capacity else 'padded'}"
                    f"{', grouped by length' if cfg.group_by_length and not capacity else ''}"
                    f"{', each prompt once' if share_prompts else ''}")

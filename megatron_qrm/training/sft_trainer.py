@@ -15,7 +15,7 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import check_parallel_layout
 from megatron_qrm.data import pad_multiple_for
-from megatron_qrm.data.packing import pack_collated, packed_seq_params, rank_microbatches, unpack
+from megatron_qrm.data.packing import check_pack_capacity, pack_collated, packed_seq_params, rank_microbatches, unpack
 from megatron_qrm.data.preference import collate_sequences
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.data.sft import SFTDataConfig, SFTDataset
@@ -74,10 +74,8 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
-    longest = int(dataset.sequence_lengths().max())
-    if cfg.pack_capacity() is not None and cfg.pack_capacity() < longest:
-        raise ValueError(f"--pack-tokens {cfg.pack_capacity()} is smaller than the longest example of --train-data "
-                         f"({longest} tokens); raise it or leave it unset")
+    check_pack_capacity(cfg.pack_capacity(), int(dataset.sequence_lengths().max()),
+                        "example of --train-data ({longest} tokens)")
     pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
 
     # pre-flight: --save / --log-dir writable, room for one checkpoint (before any model is built)
