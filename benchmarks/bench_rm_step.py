@@ -48,13 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_batch(b: int, s: int, vocab: int, prompt_fraction: float, seed: int):
-    """A collated-looking micro-batch of ``b`` pairs: random tokens, full length, shared prompt length."""
+    """A collated-looking micro-batch of ``b`` pairs: random tokens, full length, rows ``i`` and ``b + i`` with
+    the same prompt (``prompt_fraction`` of the length), as a preference pair's chosen and rejected."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     n = 2 * b
     tokens = torch.randint(4, vocab, (n, s), generator=g)
     prompt_len = max(1, min(s - 1, int(round(s * prompt_fraction))))
+    tokens[b:, :prompt_len] = tokens[:b, :prompt_len]
     response_mask = torch.zeros(n, s)
     response_mask[:, prompt_len:] = 1.0
     labels = torch.zeros_like(tokens)

@@ -16,7 +16,11 @@ Work measured:
   ``--seq-length`` tokens). Project: the trainer's own step (``build_model`` reward role + DDP + megatron
   optimizer, megatron-core's forward-backward schedule, ``rewards.scoring.train_forward_step``). HF:
   ``LlamaForTokenClassification(num_labels=1)`` forward, the same ``qrm_loss``, backward,
-  ``torch.optim.AdamW`` step.
+  ``torch.optim.AdamW`` step. The pairs share their prompt (half of each sequence), as preference pairs do.
+  The project's step runs the ``[2 x pairs, seq-length]`` rows as they are (the same work as HF's).
+* ``train_shared``: the same step in ``qrm train-rm``'s default layout: packed with each pair's prompt computed
+  once (``data/packing.py``, ``pack_pairs_shared_prompt``; the same loss and gradients), against the same HF
+  step (plain ``transformers`` computes each sequence whole). Tokens/s count the pairs' tokens on both sides.
 * ``greedy_b1`` / ``greedy_bN``: greedy sampling of ``--new-tokens`` tokens after ``--prompt-len``-token
   prompts at batch 1 and ``--batch``. Project: :func:`megatron_qrm.rl.rollout.generate` (KV cache).
   HF: ``LlamaForCausalLM.generate(do_sample=False)`` (its default dynamic cache).
@@ -49,7 +53,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-KINDS = ("train", "greedy_b1", "greedy_bN", "mixed", "long_short", "long_long")
+KINDS = ("train", "train_shared", "greedy_b1", "greedy_bN", "mixed", "long_short", "long_long")
 QUICK = dict(num_layers=2, hidden_size=256, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=704,
              vocab_size=2048, pairs=2, seq_length=256, batch=8, prompt_len=32, new_tokens=32,
              mixed_lens="8,32", long_batch=4, long_new_tokens=256, short_new_tokens=32, repeats=5, warmup=1)
@@ -141,7 +145,7 @@ def train_batch(args):
 
 
 def tokens_of(args, kind: str) -> int:
-    if kind == "train":
+    if kind.startswith("train"):
         return 2 * args.pairs * args.seq_length
     return len(prompts_for(args, kind)) * new_tokens_for(args, kind)
 
@@ -175,7 +179,7 @@ class ProjectSide:
 
     def setup(self, kind: str):
         args = self.args
-        if kind == "train":
+        if kind.startswith("train"):
             from bench_rm_step import train_step_fn  # the trainer's step, shared with bench_rm_step.py
 
             from megatron_qrm import checkpointing
@@ -185,7 +189,12 @@ class ProjectSide:
             model = build_model(self.cfg, "reward", precision=PrecisionConfig(bf16=False),
                                 local_attention=args.local_attention)
             checkpointing.load_checkpoint(os.path.join(args.model_dir, "reward"), model, load_rng=False)
-            return train_step_fn(model, RewardLossConfig("qrm"), train_batch(args), lr=1e-6)
+            batch = train_batch(args)
+            if kind == "train_shared":  # the trainer's default layout: packed, each pair's prompt once
+                from megatron_qrm.data.packing import pack_pairs_shared_prompt
+
+                batch = pack_pairs_shared_prompt(batch, pad_id=0)
+            return train_step_fn(model, RewardLossConfig("qrm"), batch, lr=1e-6)
         from megatron_qrm.rl.rollout import SamplingConfig, generate
 
         model = self._policy()
@@ -217,7 +226,7 @@ class HFSide:
         import transformers
 
         hf_dir = os.path.join(args.model_dir, "hf")
-        if kind == "train":
+        if kind.startswith("train"):  # train_shared too: plain transformers computes every sequence whole
             from megatron_qrm.rewards import qrm_loss
 
             model = transformers.LlamaForTokenClassification.from_pretrained(
@@ -394,10 +403,10 @@ def main(argv=None) -> int:
         try:
             for kind in args.kinds:
                 ok = None
-                if kind != "train":  # correctness first: greedy tokens identical on both sides
+                if not kind.startswith("train"):  # correctness first: greedy tokens identical on both sides
                     outs = {s: w.ask(kind, return_output=True)["output"] for s, w in workers.items()}
                     ok = compare_greedy(outs["project"], outs["hf"])
-                for _ in range(max(0, args.warmup - (kind != "train"))):
+                for _ in range(max(0, args.warmup - (not kind.startswith("train")))):
                     for w in workers.values():
                         w.ask(kind)
                 times = {s: [] for s in workers}
