@@ -93,12 +93,11 @@ def main(argv=None) -> int:
     from megatron_qrm import parallel
     from megatron_qrm.config import ModelConfig, ParallelConfig
     from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, load_tokenizer
-    from megatron_qrm.data.packing import padding_share, rank_microbatches
+    from megatron_qrm.data.packing import padding_share, pair_microbatch, rank_microbatches
     from megatron_qrm.data.sampler import GlobalBatchSampler
     from megatron_qrm.models import PrecisionConfig, build_model
     from megatron_qrm.rewards.scoring import RewardLossConfig, train_forward_step
     from megatron_qrm.training.engine import OptimConfig, build_optimizer, run_global_batch, wrap_ddp
-    from megatron_qrm.training.reward_trainer import _collate
 
     if not os.path.exists(args.data):
         raise SystemExit(f"--data {args.data}: not found")
@@ -144,8 +143,8 @@ def main(argv=None) -> int:
                 gb = sampler.global_batch(g * args.global_batch_size)
                 groups = rank_microbatches(gb, sizes[gb], micro_batch_size=mbs, dp_rank=0, dp_size=1,
                                            pack_capacity=capacity, group_by_length_=mode == "grouped")
-                batches.append([_collate(dataset, idx, tokenizer.pad_id, 8, ref, pack=capacity is not None,
-                                         share_prompts=mode == "shared") for idx in groups])
+                batches.append([pair_microbatch(dataset, idx, tokenizer.pad_id, 8, pack=capacity is not None,
+                                                share_prompts=mode == "shared", ref_sums=ref) for idx in groups])
             configs[f"{mode} m={mbs}"] = batches
     real_tokens = [int(pair_tokens[GlobalBatchSampler(len(dataset), args.global_batch_size, 1, 0, 1,
                                                        seed=args.seed).global_batch(g * args.global_batch_size)].sum())

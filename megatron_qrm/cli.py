@@ -148,6 +148,7 @@ def build_eval_rm_parser(sub) -> argparse.ArgumentParser:
     add_data_args(p, "--data", required=True)
     add_parallel_args(p)
     p.add_argument("--micro-batch-size", type=int, default=4, help="pairs per forward pass")
+    add_packing_args(p, group_by_length=False, shared_prompts=True)
     p.add_argument("--output", help="write the metrics JSON here (default: SAVE/eval/iter_N_<data>.json)")
     p.add_argument("--dump-token-scores", help="write per-token credits (token text + score) as JSONL")
     p.add_argument("--reference-checkpoint", help="DPO-RM without LoRA: the frozen reference model")
@@ -164,7 +165,8 @@ def run_eval_rm(args) -> int:
                        instruction_field=args.instruction_field, chosen_field=args.chosen_field,
                        rejected_field=args.rejected_field, chat_template=args.chat_template,
                        skip_long_prompts=args.skip_long_prompts, split=args.data_split, max_pairs=args.max_pairs,
-                       micro_batch_size=args.micro_batch_size, output=args.output,
+                       micro_batch_size=args.micro_batch_size, pack_sequences=not args.no_pack_sequences,
+                       pack_tokens=args.pack_tokens, pack_shared_prompts=args.pack_shared_prompts, output=args.output,
                        dump_token_scores=args.dump_token_scores, reference_checkpoint=args.reference_checkpoint,
                        parallel=parallel_config_from_args(args), bf16=use_bf16(args),
                        allow_tokenizer_change=args.allow_tokenizer_change)

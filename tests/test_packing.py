@@ -373,6 +373,12 @@ def e2e(qrm_data, tiny_flags, qrm_batch, tmp_path_factory):
                 "sft_grouped": ["--no-pack-sequences", "--group-by-length"]}
     results.update(zip(variants, qrm_batch([[*sft, *extra, "--save", str(out / name)]
                                             for name, extra in variants.items()])))
+    # eval-rm of the packed Q-RM: packed with shared prompts (default), packed whole, padded
+    evals = {"eval_shared": [], "eval_unshared": ["--no-pack-shared-prompts"], "eval_padded": ["--no-pack-sequences"]}
+    results.update(zip(evals, qrm_batch([
+        ["eval-rm", "--load", str(out / "qrm_packed"), "--data", qrm_data.pairs, "--micro-batch-size", "8",
+         "--output", str(out / f"{name}.json"), "--dump-token-scores", str(out / f"{name}.jsonl"), *extra]
+        for name, extra in evals.items()])))
     return out, results
 
 
@@ -418,6 +424,26 @@ def test_ppo_update_packed_equals_padded(results, layout, role):
     for k in padded["grads"]:
         assert padded["grads"][k].abs().max() > 0 or "embedding" in k, f"{k}: zero gradient"
         torch.testing.assert_close(packed["grads"][k], padded["grads"][k], atol=TOL, rtol=0, msg=k)
+
+
+@pytest.mark.dist
+def test_eval_rm_packed_equals_padded(e2e):
+    """eval-rm's metrics and every token's credit: packed (each prompt once, the default) and packed whole
+    agree with padded micro-batches."""
+    import json
+
+    out, _ = e2e
+    res = {k: json.loads((out / f"{k}.json").read_text()) for k in ("eval_shared", "eval_unshared", "eval_padded")}
+    dumps = {k: [json.loads(line) for line in (out / f"{k}.jsonl").read_text().splitlines()] for k in res}
+    want = res["eval_padded"]
+    assert want["valid_pairs"] == want["pairs"] > 8
+    for k in ("eval_shared", "eval_unshared"):
+        for m in ("pairwise_accuracy", "mean_margin", "mean_chosen_score", "mean_rejected_score"):
+            assert abs(res[k][m] - want[m]) <= 1e-5, (k, m, res[k][m], want[m])
+        assert len(dumps[k]) == len(dumps["eval_padded"]) == 2 * want["pairs"]
+        for a, b in zip(dumps[k], dumps["eval_padded"]):
+            assert (a["index"], a["side"], a["tokens"]) == (b["index"], b["side"], b["tokens"])
+            assert max(abs(x - y) for x, y in zip(a["scores"], b["scores"])) <= 1e-5
 
 
 @pytest.mark.dist

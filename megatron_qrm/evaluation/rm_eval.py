@@ -17,8 +17,15 @@ from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
-from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, load_tokenizer, pad_multiple_for
+from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, load_tokenizer, pad_multiple_for
 from megatron_qrm.data.chat import resolve_chat_template
+from megatron_qrm.data.packing import (
+    check_pack_capacity,
+    pair_microbatch,
+    plan_microbatches,
+    unpack,
+    unsupported_reason,
+)
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import lora_disabled
@@ -42,6 +49,11 @@ class RMEvalConfig:
     split: str = "train"
     max_pairs: Optional[int] = None
     micro_batch_size: int = 4
+    # packed micro-batches of up to pack_tokens tokens (default micro_batch_size x 2 x seq_length), each pair's
+    # prompt once where the attention supports it (data/packing.py); pack_sequences False: padded micro-batches
+    pack_sequences: bool = True
+    pack_tokens: Optional[int] = None
+    pack_shared_prompts: Optional[bool] = None
     output: Optional[str] = None
     dump_token_scores: Optional[str] = None
     reference_checkpoint: Optional[str] = None
@@ -87,7 +99,16 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     n = len(dataset)
     mine = list(range(dp_rank, n, dp_size))
-    chunks = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+    pack, share = _batching(cfg, data_cfg.seq_length, model, reference)
+    log.info("eval-rm: %s", f"packed micro-batches of up to {pack} tokens{', each prompt once' if share else ''}"
+             if pack else f"padded micro-batches of {cfg.micro_batch_size} pairs")
+    if pack:  # packed micro-batches of this rank's pairs (the same pairs; no compute on padding)
+        sizes = dataset.pair_tokens(share)
+        check_pack_capacity(pack, int(sizes.max()), "pair of --data ({longest} tokens, chosen + rejected"
+                            f"{' less the shared prompt' if share else ''})")
+        chunks = [[mine[j] for j in mb] for mb in plan_microbatches(sizes[mine].tolist(), pack)]
+    else:
+        chunks = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
     steps = torch.tensor([len(chunks)])
     parallel.all_reduce_host(steps, op=dist.ReduceOp.MAX)
 
@@ -96,19 +117,20 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     valid = torch.zeros(n, dtype=torch.float64)
     dumps: list[dict] = []
     step_fn = token_credit_forward_step(loss_cfg)
-    start, tokens_done, last_report = time.perf_counter(), 0, 0.0
+    start, tokens_done, pairs_done, last_report = time.perf_counter(), 0, 0, 0.0
     with torch.no_grad():
         for s in range(int(steps)):
             # progress every ~10 s and at the end: a long evaluation is not silent
             elapsed = time.perf_counter() - start
             if s and (elapsed - last_report >= 10 or s == int(steps) - 1):
                 last_report = elapsed
-                log.info("eval-rm: %d/%d pairs%s, %.1f tokens/s", min(s * cfg.micro_batch_size, len(mine)), len(mine),
+                log.info("eval-rm: %d/%d pairs%s, %.1f tokens/s", pairs_done, len(mine),
                          " (this data-parallel rank's share)" if dp_size > 1 else "", tokens_done / elapsed)
             real = s < len(chunks)
             idx = chunks[s] if real else (chunks[0][:1] if chunks else [0])
-            batch = collate_pairs([dataset[i] for i in idx], tokenizer.pad_id, pad_multiple, indices=idx)
+            batch = pair_microbatch(dataset, idx, tokenizer.pad_id, pad_multiple, pack=bool(pack), share_prompts=share)
             tokens_done += int(batch["tokens"].numel()) if real else 0
+            pairs_done += len(idx) if real else 0
             if loss_cfg.kind == "dpo":
                 batch.update(_reference_logps(model, reference, batch))
             outs = run_global_batch(model, step_fn, [batch], forward_only=True)
@@ -192,6 +214,24 @@ def load_reward_models(load: str, saved: dict, model_cfg: ModelConfig, loss_cfg:
     return model, reference
 
 
+def _batching(cfg: RMEvalConfig, seq_length: int, model, reference) -> tuple[Optional[int], bool]:
+    """(packed micro-batch tokens or None, shared prompts) for this evaluation; packing falls back to padded
+    micro-batches (with a log line) where the attention cannot run it, unless a flag demanded it."""
+    if not cfg.pack_sequences:
+        if cfg.pack_shared_prompts:
+            raise ValueError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
+        return None, False
+    models = [m for m in (model, reference) if m is not None]
+    why = next((r for r in (unsupported_reason(m) for m in models) if r), None)
+    if why:
+        log.info("eval-rm: sequence packing off: %s", why)
+        return None, False
+    no_tree = next((r for r in (unsupported_reason(m, shared_prompts=True) for m in models) if r), None)
+    if cfg.pack_shared_prompts and no_tree:
+        raise ValueError(f"--pack-shared-prompts: {no_tree}")
+    return cfg.pack_tokens or cfg.micro_batch_size * 2 * seq_length, cfg.pack_shared_prompts is not False and not no_tree
+
+
 def default_output_path(checkpoint_dir: str, data: str) -> str:
     """SAVE/eval/<data name>.json beside the evaluated checkpoint (SAVE/iter_N)."""
     stem = os.path.basename(os.path.normpath(data))
@@ -210,7 +250,7 @@ def _reference_logps(model, reference, batch) -> dict[str, torch.Tensor]:
     else:
         outs = run_global_batch(reference, step, [batch], forward_only=True)
     if not outs:  # not the last stage: the loss function (which needs them) does not run here
-        zeros = torch.zeros(batch["tokens"].shape, dtype=torch.float32)
+        zeros = torch.zeros(batch["response_mask"].shape, dtype=torch.float32)  # the [2B, S] rows, packed or not
         return {"ref_logps": zeros, "ref_logps_sum": zeros.sum(1)}
     return {"ref_logps": outs[0]["ref_logps"].cpu(), "ref_logps_sum": outs[0]["ref_logps_sum"].cpu()}
 
@@ -220,10 +260,11 @@ def _token_rows(dataset, tokenizer, indices, batch, credits) -> list[dict]:
     rows = []
     b = len(indices)
     mask = batch["response_mask"].bool()
+    tokens = unpack(batch["tokens"], batch)  # [2B, S] (a packed batch's stream gathered back to its rows)
     for j, i in enumerate(indices):  # once per pair, for a human-readable dump (not a training path)
         pair = dataset[i]
         for side, row in (("chosen", j), ("rejected", b + j)):
-            ids = batch["tokens"][row][mask[row]].tolist()
+            ids = tokens[row][mask[row]].tolist()
             scores = credits[row][mask[row]].tolist()
             rows.append({"index": i, "side": side, "tokens": tokenizer.token_texts(ids),
                          "scores": [round(x, 6) for x in scores],

@@ -18,11 +18,10 @@ from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, check_parallel_layout
-from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, collate_pairs, pad_multiple_for
+from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, pad_multiple_for
 from megatron_qrm.data.packing import (
     check_pack_capacity,
-    pack_collated,
-    pack_pairs_shared_prompt,
+    pair_microbatch,
     plan_microbatches,
     rank_microbatches,
     unsupported_reason,
@@ -85,20 +84,6 @@ def _dp_info() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
 
 
-def _collate(dataset: PreferenceDataset, indices, pad_id: int, pad_multiple: int,
-             ref_sums: Optional[torch.Tensor], pack: bool = False, share_prompts: bool = False) -> dict[str, torch.Tensor]:
-    """A [2B, S] pair batch, or (``pack``) one packed THD stream of its 2B sequences (data/packing.py), with
-    ``share_prompts`` each pair's prompt once."""
-    idx = [int(i) for i in indices]
-    batch = collate_pairs([dataset[i] for i in idx], pad_id, 1 if pack else pad_multiple, indices=idx)
-    if ref_sums is not None:  # [N, 2] (chosen, rejected) -> [2B] in the batch's row order
-        sel = ref_sums[torch.as_tensor(idx)]
-        batch["ref_logps_sum"] = torch.cat([sel[:, 0], sel[:, 1]])
-    if not pack:
-        return batch
-    return (pack_pairs_shared_prompt if share_prompts else pack_collated)(batch, pad_id, pad_multiple)
-
-
 def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size: int, pad_id: int,
                             pad_multiple: int, logger: MetricsLogger, pack_capacity: Optional[int] = None,
                             share_prompts: bool = False) -> Optional[torch.Tensor]:
@@ -124,8 +109,8 @@ def compute_reference_logps(model, dataset: PreferenceDataset, micro_batch_size:
     with torch.no_grad():
         for s in range(int(steps)):
             idx = chunks[s] if s < len(chunks) else chunks[0][:1] if chunks else [0]
-            mb = _collate(dataset, idx, pad_id, pad_multiple, None, pack=bool(pack_capacity),
-                          share_prompts=share_prompts)
+            mb = pair_microbatch(dataset, idx, pad_id, pad_multiple, pack=bool(pack_capacity),
+                                 share_prompts=share_prompts)
             outs = run_global_batch(model, reference_logps_forward_step(), [mb], forward_only=True)
             if s < len(chunks):
                 for out in outs:
@@ -257,8 +242,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
         batch = sampler.global_batch(consumed)
         groups = rank_microbatches(batch, pair_tokens[batch], micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank,
                                    dp_size=dp_size, pack_capacity=capacity, group_by_length_=cfg.group_by_length)
-        return [_collate(dataset, idx, tokenizer.pad_id, pad_multiple, ref_sums, pack=capacity is not None,
-                         share_prompts=share_prompts) for idx in groups]
+        return [pair_microbatch(dataset, idx, tokenizer.pad_id, pad_multiple, pack=capacity is not None,
+                                share_prompts=share_prompts, ref_sums=ref_sums) for idx in groups]
 
     def summarize(s: dict[str, float]) -> dict[str, float]:
         n = max(s["num_valid"], 1.0)
