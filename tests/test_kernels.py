@@ -1,4 +1,5 @@
-"""The project's elementwise kernels (models/rope.py, models/swiglu.py) against plain loops written here.
+"""The project's kernels (models/rope.py, models/swiglu.py, the decoder's packed GEMM in models/kv_decode.py)
+against plain loops and products written here.
 
 Model-level agreement is tested elsewhere: the local SDPA spec (RopeSelfAttention + SwiGLU) against
 megatron-core's DotProductAttention + RoPE (tests/test_attention.py), against transformers
@@ -130,3 +131,36 @@ def test_swiglu_matches_plain_formula_values_and_gradients():
     assert torch.autograd.gradcheck(swiglu, (x,))
     with torch.no_grad():
         assert torch.allclose(swiglu(x), want, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- packed GEMM for decode steps
+@pytest.mark.parametrize("rows", [1, 4, 17, 32, 64, 200])
+def test_cpu_packed_linear_equals_a_plain_product(rows):
+    """The decoder's small-batch products: MKL's pre-packed GEMM in its row range, F.linear outside it; either
+    way the product of x and the weight (checked against a float64 matmul), with bias, for 2-D and 3-D x."""
+    from megatron_qrm.models.kv_decode import PACKED_GEMM_ROWS, CpuPackedLinear
+
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(96, 48, generator=g), torch.randn(96, generator=g)
+    linear = CpuPackedLinear()
+    for x in (torch.randn(rows, 48, generator=g), torch.randn(1, rows, 48, generator=g)):
+        want = (x.double() @ w.double().T + b.double()).float()
+        torch.testing.assert_close(linear(x, w, b), want, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(linear(x, w), want - b, atol=1e-4, rtol=1e-5)
+    in_range = PACKED_GEMM_ROWS[0] <= rows <= PACKED_GEMM_ROWS[1]
+    assert bool(linear._packed) == (in_range and linear.enabled)  # packed once, only where it pays
+    if linear.enabled and in_range:
+        assert len(linear._packed) == 1
+        # another weight is packed on its own (a decoder's weights do not change during its generate call)
+        assert linear(torch.randn(rows, 48), torch.ones(96, 48)).shape == (rows, 96)
+        assert len(linear._packed) == 2
+
+
+def test_cpu_packed_linear_leaves_other_dtypes_to_f_linear():
+    from megatron_qrm.models.kv_decode import CpuPackedLinear
+
+    linear = CpuPackedLinear()
+    x, w = torch.randn(16, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(linear(x, w), torch.nn.functional.linear(x, w))
+    assert not linear._packed
+    assert not CpuPackedLinear(enabled=False).enabled
