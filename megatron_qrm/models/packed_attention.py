@@ -18,8 +18,15 @@ about twice ``sum(len_i^2)`` instead of ``t^2`` score entries and uses the causa
 tensor); compared with a Python loop over sequences it is a few kernel calls per layer (one per length
 bucket). ``benchmarks/bench_packing.py`` measures the packed training step.
 
-The gather layout depends only on ``cu_seqlens``; it is built once per micro-batch and cached on the
-``PackedSeqParams`` object, so the layers share it.
+Shared prefixes (:class:`PrefixSharingPackedSeqParams`, what shared-prompt packing of preference pairs
+builds): a segment may continue another one. Each leaf segment's row then holds its ancestors' tokens and its
+own, gathered from the stream (``index_select``; a prefix feeds every row that continues it), so every branch
+attends causally to its prefix and itself, exactly as in its own unpacked sequence, at the cost of the
+unpacked attention, while the projections and MLPs run once over the prefix. A prefix token's output is
+taken from the first row holding it.
+
+The gather layout depends only on ``cu_seqlens`` (and ``segment_parent``); it is built once per micro-batch
+and cached on the ``PackedSeqParams`` object, so the layers share it.
 """
 
 from __future__ import annotations
