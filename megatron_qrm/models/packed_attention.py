@@ -95,6 +95,10 @@ class VarlenLayout:
     padded_position: Tensor
     size: int
     source: Optional[Tensor] = None
+    #: (shared prefixes) the rows that repeat a token whose output row is elsewhere, and those tokens: their
+    #: gradients are added to the token's on the way back (:class:`_GatherRows`)
+    repeat_rows: Optional[Tensor] = None
+    repeat_tokens: Optional[Tensor] = None
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: Tensor, device, ratio: float = BUCKET_RATIO,
@@ -157,6 +161,7 @@ class VarlenLayout:
         row_lengths = [sum(lengths[s] for s in chain) for chain in chains]
         buckets, row_start, size = cls._buckets(row_lengths, ratio)
         source = torch.zeros(size, dtype=torch.long)
+        repeat = torch.zeros(size, dtype=torch.bool)
         output_row = torch.full((int(cu[-1]),), -1, dtype=torch.long)
         for chain, start in zip(chains, row_start):  # one pass per leaf segment (a few per micro-batch)
             offset = start
@@ -166,8 +171,12 @@ class VarlenLayout:
                 span = output_row[a:b]
                 if b > a and span[0] < 0:  # a shared prefix's output comes from the first row holding it
                     span.copy_(torch.arange(offset, offset + b - a))
+                else:
+                    repeat[offset:offset + b - a] = True
                 offset += b - a
-        return cls(buckets=buckets, padded_position=output_row.to(device), size=size, source=source.to(device))
+        rows = repeat.nonzero().flatten()
+        return cls(buckets=buckets, padded_position=output_row.to(device), size=size, source=source.to(device),
+                   repeat_rows=rows.to(device), repeat_tokens=source[rows].to(device))
 
 
 def varlen_layout(packed_seq_params: PackedSeqParams, device) -> VarlenLayout:
@@ -185,6 +194,26 @@ def varlen_layout(packed_seq_params: PackedSeqParams, device) -> VarlenLayout:
         layout = VarlenLayout.from_cu_seqlens(cu_q, device, segment_parent=parent)
         setattr(packed_seq_params, _LAYOUT_ATTR, layout)
     return layout
+
+
+class _GatherRows(torch.autograd.Function):
+    """``x.index_select(0, layout.source)`` whose backward gathers each token's gradient from its own output
+    row and adds only the repeated rows' (a shared prefix's other copies) -- instead of zero-filling the
+    gradient and scatter-adding every row. Padding rows are skipped: no real query attends to them and their
+    own outputs are discarded, so their gradients are zero."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layout: "VarlenLayout") -> Tensor:
+        ctx.layout = layout
+        return x.index_select(0, layout.source)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        layout = ctx.layout
+        out = grad.index_select(0, layout.padded_position)
+        if layout.repeat_rows.numel():
+            out.index_add_(0, layout.repeat_tokens, grad.index_select(0, layout.repeat_rows))
+        return out, None
 
 
 def packed_causal_attention(query: Tensor, key: Tensor, value: Tensor, packed_seq_params: PackedSeqParams,
@@ -210,7 +239,7 @@ def packed_causal_attention(query: Tensor, key: Tensor, value: Tensor, packed_se
 
     def flat(x: Tensor) -> Tensor:  # [t, heads, hn] -> [rows, heads, hn]
         if layout.source is not None:  # shared prefixes: a prefix token fills several rows
-            return x.index_select(0, layout.source)
+            return _GatherRows.apply(x, layout)
         return x.new_zeros(layout.size, x.shape[1], hn).index_copy(0, where, x)  # zeros on the padding
 
     q_all, k_all, v_all = flat(query), flat(key), flat(value)
