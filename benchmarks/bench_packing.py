@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     lengths = dataset.sequence_lengths()
     print(f"tokenizer: {tok_desc}; {len(dataset)} pairs; sequence tokens p5/median/p95/max "
           f"{np.percentile(lengths, 5):.0f}/{np.median(lengths):.0f}/{np.percentile(lengths, 95):.0f}/{lengths.max()}")
-    prompt_tokens = sum(len(dataset[i].prompt_ids) for i in range(len(dataset)))
+    prompt_tokens = int(dataset.prompt_lengths().sum())
     print(f"each pair's prompt is computed twice: the second copy is {prompt_tokens / lengths.sum():.1%} of the real "
           "tokens (what shared-prompt packing, --pack-shared-prompts, saves less one token per pair)")
 

@@ -340,6 +340,22 @@ def rank_microbatches(global_indices: np.ndarray, sizes: np.ndarray, *, micro_ba
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
 
 
+def resolve_shared_prompts(requested: bool | None, packing: bool, models=()) -> tuple[bool, str | None]:
+    """Whether pairs are packed with their prompt once: ``(on, why it is off)``.
+
+    ``requested``: ``--pack-shared-prompts`` (True), ``--no-pack-shared-prompts`` (False) or neither (None: on
+    wherever ``models`` can run it). Raises ValueError when the flag demands it and packing is off or one of
+    ``models`` cannot run a prefix tree (:func:`unsupported_reason`)."""
+    why = next((r for r in (unsupported_reason(m, shared_prompts=True) for m in models) if r), None)
+    if requested and why:
+        raise ValueError(f"--pack-shared-prompts: {why}")
+    if requested and not packing:
+        raise ValueError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
+    if not packing or requested is False:
+        return False, None
+    return why is None, why
+
+
 def unsupported_reason(model, shared_prompts: bool = False) -> str | None:
     """Why ``model`` cannot run packed sequences (None when it can): megatron-core's unfused
     ``DotProductAttention`` (local spec, ``--local-attention unfused``) refuses ``PackedSeqParams``;
@@ -360,6 +376,7 @@ def unsupported_reason(model, shared_prompts: bool = False) -> str | None:
         if any(not isinstance(m, RopeSelfAttention) or not isinstance(m.core_attention, SDPAttention) for m in layers):
             return ("shared-prompt packing needs the local spec's SDPA attention (Transformer Engine's fused "
                     "varlen attention cannot mask a prefix tree); use --transformer-impl local")
-        if layers and rope.supported(layers[0].config) is not None:
-            return f"shared-prompt packing does not support {rope.supported(layers[0].config)}"
+        why = rope.supported(layers[0].config) if layers else None
+        if why is not None:
+            return f"shared-prompt packing does not support {why}"
     return None

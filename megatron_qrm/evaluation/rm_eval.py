@@ -23,6 +23,7 @@ from megatron_qrm.data.packing import (
     check_pack_capacity,
     pair_microbatch,
     plan_microbatches,
+    resolve_shared_prompts,
     unpack,
     unsupported_reason,
 )
@@ -217,19 +218,15 @@ def load_reward_models(load: str, saved: dict, model_cfg: ModelConfig, loss_cfg:
 def _batching(cfg: RMEvalConfig, seq_length: int, model, reference) -> tuple[Optional[int], bool]:
     """(packed micro-batch tokens or None, shared prompts) for this evaluation; packing falls back to padded
     micro-batches (with a log line) where the attention cannot run it, unless a flag demanded it."""
-    if not cfg.pack_sequences:
-        if cfg.pack_shared_prompts:
-            raise ValueError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
-        return None, False
     models = [m for m in (model, reference) if m is not None]
-    why = next((r for r in (unsupported_reason(m) for m in models) if r), None)
+    why = next((r for r in (unsupported_reason(m) for m in models) if r), None) if cfg.pack_sequences else None
     if why:
         log.info("eval-rm: sequence packing off: %s", why)
-        return None, False
-    no_tree = next((r for r in (unsupported_reason(m, shared_prompts=True) for m in models) if r), None)
-    if cfg.pack_shared_prompts and no_tree:
-        raise ValueError(f"--pack-shared-prompts: {no_tree}")
-    return cfg.pack_tokens or cfg.micro_batch_size * 2 * seq_length, cfg.pack_shared_prompts is not False and not no_tree
+    packing = cfg.pack_sequences and not why
+    share, no_tree = resolve_shared_prompts(cfg.pack_shared_prompts, packing, models)
+    if no_tree:
+        log.info("eval-rm: shared-prompt packing off: %s", no_tree)
+    return (cfg.pack_tokens or cfg.micro_batch_size * 2 * seq_length) if packing else None, share
 
 
 def default_output_path(checkpoint_dir: str, data: str) -> str:

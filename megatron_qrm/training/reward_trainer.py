@@ -24,7 +24,7 @@ from megatron_qrm.data.packing import (
     pair_microbatch,
     plan_microbatches,
     rank_microbatches,
-    unsupported_reason,
+    resolve_shared_prompts,
 )
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models.lora import is_lora_param
@@ -173,8 +173,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     dp_rank, dp_size = _dp_info()
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,
                                  seed=cfg.parallel.seed, shuffle=cfg.shuffle)
-    if cfg.pack_shared_prompts and cfg.pack_capacity() is None:
-        raise ValueError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
+    resolve_shared_prompts(cfg.pack_shared_prompts, cfg.pack_capacity() is not None)  # contradicting flags
     # shared prompts (unless turned off) make pairs shorter; if they turn out unsupported, checked again below
     check_pack_capacity(cfg.pack_capacity(), int(dataset.pair_tokens(cfg.pack_shared_prompts is not False).max()),
                         "pair of --train-data ({longest} tokens, chosen + rejected"
@@ -189,11 +188,9 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     built = build_supervised_model(cfg, model_cfg, cfg.loss.role, logger,
                                    sequences_per_sample=2 if cfg.loss.role == "policy" else 1)  # DPO-RM: LM over both
     cfg, ddp, optimizer, scheduler = built.cfg, built.ddp, built.optimizer, built.scheduler
-    no_tree = unsupported_reason(built.model, shared_prompts=True)
-    if cfg.pack_shared_prompts and no_tree:
-        raise ValueError(f"--pack-shared-prompts: {no_tree}")
-    share_prompts = cfg.pack_capacity() is not None and cfg.pack_shared_prompts is not False and not no_tree
-    if cfg.pack_capacity() is not None and cfg.pack_shared_prompts is None and no_tree:
+    share_prompts, no_tree = resolve_shared_prompts(cfg.pack_shared_prompts, cfg.pack_capacity() is not None,
+                                                    [built.model])
+    if no_tree:
         logger.message(f"shared-prompt packing off: {no_tree}")
         check_pack_capacity(cfg.pack_capacity(), int(dataset.pair_tokens().max()),
                             "pair of --train-data ({longest} tokens, chosen + rejected)")

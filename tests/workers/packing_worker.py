@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,11 +31,11 @@ from megatron_qrm import checkpointing, parallel  # noqa: E402
 from megatron_qrm.config import ModelConfig, ParallelConfig  # noqa: E402
 from megatron_qrm.data.packing import (  # noqa: E402
     pack_collated,
-    pack_pairs_shared_prompt,
+    pair_microbatch,
     plan_microbatches,
     shared_prompt_pair_tokens,
 )
-from megatron_qrm.data.preference import TokenizedPair, collate_pairs, collate_sequences  # noqa: E402
+from megatron_qrm.data.preference import TokenizedPair, collate_sequences  # noqa: E402
 from megatron_qrm.models import LoRAConfig, build_model  # noqa: E402
 from megatron_qrm.rewards.scoring import (  # noqa: E402
     METRIC_NAMES,
@@ -71,40 +72,19 @@ def make_pairs(seed: int) -> tuple[list[TokenizedPair], torch.Tensor]:
 
 
 def unpacked_microbatches(pairs, ref) -> list[dict]:
-    out = []
-    for s in range(0, PAIRS, MBS):
-        idx = list(range(s, s + MBS))
-        b = collate_pairs([pairs[i] for i in idx], PAD, 8, indices=idx)
-        b["ref_logps_sum"] = torch.cat([ref[idx, 0], ref[idx, 1]])
-        out.append(b)
-    return out
+    return [pair_microbatch(pairs, range(s, s + MBS), PAD, 8, ref_sums=ref) for s in range(0, PAIRS, MBS)]
 
 
-def packed_microbatches(pairs, ref) -> list[dict]:
-    sizes = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
-    plan = plan_microbatches(sizes, CAPACITY)
-    assert len(plan) >= 2, plan
-    out = []
-    for idx in plan:
-        b = pack_collated(collate_pairs([pairs[i] for i in idx], PAD, 1, indices=idx), PAD, 8)
-        b["ref_logps_sum"] = torch.cat([ref[idx, 0], ref[idx, 1]])
-        out.append(b)
-    return out
-
-
-def shared_microbatches(pairs, ref) -> list[dict]:
-    """Shared-prompt packing: each pair's prompt[:-1] once, then both branches (a prefix tree)."""
-    lengths = torch.tensor([[len(p.prompt_ids) + len(p.chosen_ids), len(p.prompt_ids) + len(p.rejected_ids)]
-                            for p in pairs]).numpy()
-    sizes = shared_prompt_pair_tokens(lengths, torch.tensor([len(p.prompt_ids) for p in pairs]).numpy())
+def packed_microbatches(pairs, ref, share_prompts: bool = False) -> list[dict]:
+    """THD streams planned by data/packing.py; ``share_prompts``: each pair's prompt[:-1] once, then both
+    branches (a prefix tree)."""
+    lengths = np.array([[len(p.prompt_ids) + len(p.chosen_ids), len(p.prompt_ids) + len(p.rejected_ids)]
+                        for p in pairs])
+    sizes = shared_prompt_pair_tokens(lengths, np.array([len(p.prompt_ids) for p in pairs])) if share_prompts \
+        else lengths.sum(axis=1)
     plan = plan_microbatches(sizes.tolist(), CAPACITY)
     assert len(plan) >= 2, plan
-    out = []
-    for idx in plan:
-        b = pack_pairs_shared_prompt(collate_pairs([pairs[i] for i in idx], PAD, 1, indices=idx), PAD, 8)
-        b["ref_logps_sum"] = torch.cat([ref[idx, 0], ref[idx, 1]])
-        out.append(b)
-    return out
+    return [pair_microbatch(pairs, idx, PAD, 8, pack=True, share_prompts=share_prompts, ref_sums=ref) for idx in plan]
 
 
 def per_pair(outs: list[dict], key: str) -> torch.Tensor:
@@ -166,7 +146,7 @@ def leakage(ddp, loss_cfg, pairs, ref) -> dict:
 
 def shared_leakage(ddp, loss_cfg, pairs, ref) -> dict:
     """Token outputs of one shared-prompt stream; with a rejected branch changed; with a shared prefix changed."""
-    mb = shared_microbatches(pairs, ref)[0]
+    mb = packed_microbatches(pairs, ref, share_prompts=True)[0]
     parent = mb["segment_parent"]
     seg = int((parent >= 0).nonzero()[1, 0])  # the second branch of the first prefix: a rejected branch
     prefix = int(parent[seg])
@@ -280,7 +260,7 @@ def main() -> None:
         checkpointing.load_checkpoint(ckpt, ddp, load_rng=False)
         res = {"unpacked": step(ddp, optimizer, loss_cfg, unpacked_microbatches(pairs, ref)),
                "packed": step(ddp, optimizer, loss_cfg, packed_microbatches(pairs, ref)),
-               "shared": step(ddp, optimizer, loss_cfg, shared_microbatches(pairs, ref))}
+               "shared": step(ddp, optimizer, loss_cfg, packed_microbatches(pairs, ref, share_prompts=True))}
         if args.tp == args.pp == 1:
             res["leakage"] = leakage(ddp, loss_cfg, pairs, ref)
             res["shared_leakage"] = shared_leakage(ddp, loss_cfg, pairs, ref)
