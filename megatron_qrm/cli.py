@@ -211,16 +211,23 @@ def run_eval_policy(args) -> int:
 
 
 # ----------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``qrm`` parser. ``command``: the subcommand about to run; the parsers whose flags come from config
+    dataclasses that import torch (train-ppo, train-reinforce) are then built in full only for it (the
+    others are listed by name and help), so that ``qrm --help`` and light commands start without torch.
+    None builds every parser in full."""
     parser = argparse.ArgumentParser(prog="qrm", description="Token-level reward models (Q-RM) and RL on Megatron-Core")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     build_train_sft_parser(sub)
     build_train_rm_parser(sub)
     build_eval_rm_parser(sub)
-    from megatron_qrm.rl.cli import add_rl_parser
+    from megatron_qrm.rl.cli import COMMANDS, add_rl_parser
 
-    add_rl_parser(sub, "ppo")
-    add_rl_parser(sub, "reinforce")
+    for name, (_, doc) in COMMANDS.items():
+        if command is None or command == name:
+            add_rl_parser(sub, name)
+        else:
+            sub.add_parser(name, help=doc)
     build_eval_policy_parser(sub)
     from megatron_qrm.evaluation.check_answers import add_parser as add_check_answers_parser
 
@@ -239,9 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand(argv: list[str]) -> str:
+    """The first argument that is not an option ("" when there is none, e.g. ``qrm --help``)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    args = build_parser(_subcommand(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     from megatron_qrm.errors import EXIT_ABORTED, EXIT_USER_ERROR, RunAborted
 
     try:

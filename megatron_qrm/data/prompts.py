@@ -11,6 +11,8 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_qrm.options import option
+
 from .preference import TOKENIZE_CHUNK, _text_field
 from .sources import DataError, read_records
 from .tokenizer import Tokenizer
@@ -18,15 +20,27 @@ from .tokenizer import Tokenizer
 
 @dataclass
 class PromptDataConfig:
-    path: str
-    instruction_field: str = "instruction"
-    label_field: str = "label"
-    chat_template: bool = False
-    seq_length: int = 1024
-    min_new_tokens: int = 1
-    skip_long_prompts: bool = False
-    split: str = "train"
-    max_prompts: Optional[int] = None
+    """An RL prompt set (the flags of ``qrm train-ppo`` / ``train-reinforce``'s "prompts" group)."""
+
+    path: str = option(flag="--prompt-data", help="RL prompts: jsonl/parquet/datasets with `instruction` (+`label`)")
+    """The prompt file or ``datasets`` name."""
+    instruction_field: str = option("instruction", help="field holding the prompt")
+    """Field holding the prompt text."""
+    label_field: str = option("label", help="field holding the gold answer (for Pass@1)", cli=False)
+    """Field holding the gold answer."""
+    chat_template: Optional[bool] = option(False, help="render prompts with the tokenizer's chat template (default: on "
+                                                   "when the tokenizer has one, or as the checkpoint records)")
+    """Render prompts with the tokenizer's chat template (None: as the checkpoint / tokenizer says)."""
+    seq_length: int = option(1024, check="positive", help="prompt + response tokens")
+    """Longest prompt + response."""
+    min_new_tokens: int = option(1, help="room a prompt must leave for the response", cli=False)
+    """Tokens a prompt must leave free within ``seq_length``."""
+    skip_long_prompts: bool = option(False, help="skip (and count) prompts that leave no room to respond")
+    """Skip such prompts instead of failing."""
+    split: str = option("train", help="split, for a `datasets` source", cli=False)
+    """``datasets`` split."""
+    max_prompts: Optional[int] = option(None, check="positive", help="use the first N prompts only")
+    """Prompt subset size."""
 
 
 class PromptDataset:

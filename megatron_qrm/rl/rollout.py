@@ -21,7 +21,7 @@ log pi(tokens[b, p] | tokens[b, :p]) and ``action_mask[b, p] = 1`` where tokens[
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm.models.kv_decode import KVCacheDecoder
+from megatron_qrm.options import option
 from megatron_qrm.rl.vocab_sampling import filter_logits, select_tokens
 from megatron_qrm.rl.vocab_sampling import sample_tokens as _sample_full
 
@@ -38,12 +39,23 @@ __all__ = ["FullRecomputeDecoder", "KVCacheDecoder", "Rollout", "SamplingConfig"
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 1.0  # 0 -> greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 -> off
-    max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # EOS is always a stop token
-    use_kv_cache: bool = True  # False: recompute the whole prefix each step (reference path for tests)
+    """How rollouts are sampled (``qrm train-ppo`` / ``train-reinforce`` flags of the same names)."""
+
+    temperature: float = option(1.0, check="non_negative", help="sampling temperature (0: greedy)")
+    """Softmax temperature; 0 picks the argmax."""
+    top_p: float = option(1.0, check="probability", help="nucleus sampling mass (1: off)")
+    """Keep the smallest set of tokens whose probability reaches ``top_p``."""
+    top_k: int = option(0, check="non_negative", help="sample among the k most likely tokens (0: off)")
+    """Keep the ``top_k`` most likely tokens (0: all)."""
+    max_new_tokens: int = option(512, check="positive", help="response tokens per sample at most")
+    """Response length limit (also cut where prompt + response would pass ``--seq-length``)."""
+    stop_token_ids: tuple[int, ...] = option(default_factory=tuple,
+                                             help="comma-separated extra stop ids (EOS always stops)")
+    """Token ids that end a response besides EOS."""
+    use_kv_cache: bool = option(True, flag="--kv-cache",
+                                help="sample with a KV cache (--no-kv-cache recomputes the prefix every step: "
+                                     "the reference path for tests)")
+    """False: recompute the whole prefix each step (reference path for tests)."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,15 +31,19 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
-from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
-from megatron_qrm.data import PromptDataConfig, PromptDataset, load_tokenizer
+from megatron_qrm.config import ModelConfig
+from megatron_qrm.data import PromptDataset
 from megatron_qrm.data.chat import resolve_chat_template
+from megatron_qrm.data.packing import unsupported_reason
 from megatron_qrm.data.sampler import GlobalBatchSampler
+from megatron_qrm.errors import NonFiniteError
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import is_lora_param, lora_disabled
+from megatron_qrm.rewards.losses import last_token_values
 from megatron_qrm.rl import advantages as adv
 from megatron_qrm.rl import losses as rl_losses
-from megatron_qrm.rewards.losses import last_token_values
+from megatron_qrm.rl.config import RLConfig
+from megatron_qrm.rl.estimators import ESTIMATORS, EstimatorInputs, EstimatorSettings
 from megatron_qrm.rl.experience import (
     head_scores,
     mask_padded_vocab,
@@ -50,14 +54,11 @@ from megatron_qrm.rl.experience import (
     token_logprobs,
 )
 from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
-from megatron_qrm.rl.rollout import Rollout, SamplingConfig, generate
+from megatron_qrm.rl.rollout import Rollout, generate
+from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
 from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
-from megatron_qrm.data.packing import unsupported_reason
-from megatron_qrm.data.tokenizer import check_tokenizer_identity
-from megatron_qrm.errors import NonFiniteError
 from megatron_qrm.training.engine import (
     NonFiniteGuard,
-    OptimConfig,
     build_optimizer,
     reduce_metric_sums,
     run_global_batch,
@@ -66,65 +67,6 @@ from megatron_qrm.training.engine import (
 from megatron_qrm.training.metrics_log import MetricsLogger
 
 log = logging.getLogger("megatron_qrm")
-
-
-@dataclass
-class RLConfig:
-    algo: str  # "ppo" | "reinforce"
-    prompts: PromptDataConfig
-    reward_model: Optional[str]  # checkpoint of a Q-RM / ORM / DPO-RM (qrm train-rm or convert_hf)
-    actor: Optional[str] = None  # initial policy checkpoint (SFT); the reference starts from it too
-    load: Optional[str] = None  # resume an RL run (its --save)
-    save: Optional[str] = None
-    tokenizer: Optional[str] = None
-    dpo_reference: Optional[str] = None  # full fine-tuned DPO-RM: its reference model
-    critic_init: str = "reward"  # reward | actor | checkpoint
-    critic_checkpoint: Optional[str] = None
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    rollout_batch_size: int = 3072  # prompts per iteration (global)
-    samples_per_prompt: int = 1
-    generation_batch_size: int = 64  # sequences per generate() call on a rank
-    forward_micro_batch_size: int = 8  # scoring passes
-    micro_batch_size: int = 2  # update: sequences per micro-batch
-    global_batch_size: int = 16  # update: sequences per optimizer step (all DP ranks)
-    ppo_epochs: int = 1
-    train_iters: int = 12
-    advantage: Optional[str] = None  # qrm | qrm-reference | gae (default by reward type)
-    kl_coef: float = 0.01
-    kl_estimator: str = "full"  # full | k1 | k3 | abs
-    clip_eps: float = 0.2
-    value_clip: Optional[float] = None
-    value_coef: float = 0.01  # qrm-reference only
-    entropy_coef: float = 0.0
-    gamma: float = 0.9
-    lam: float = 0.8
-    eos_rescore: bool = False
-    reinforce_center: bool = True
-    actor_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-6, clip_grad=0.0))
-    critic_optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, clip_grad=0.0))
-    critic_lora: LoRAConfig = field(default_factory=LoRAConfig)
-    eval_data: Optional[str] = None
-    eval_interval: int = 1
-    eval_max_prompts: Optional[int] = None
-    task: Optional[str] = None  # answer checker for Pass@1 (gsm8k | math | registered task)
-    save_interval: int = 1
-    log_dir: Optional[str] = None
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
-    wandb_run_name: Optional[str] = None
-    offload: bool = False
-    allow_retokenize: bool = False
-    exit_interval: Optional[int] = None
-    bf16: bool = False
-    transformer_impl: str = "auto"
-    local_attention: str = "auto"  # local spec core attention: sdpa | unfused
-    max_nonfinite_steps: int = 3  # skipped non-finite update steps in a row before the run stops
-    # actor/critic updates on packed sequences (rl/update_batching.py): micro-batches of up to pack_tokens
-    # tokens (default micro_batch_size x the rollout's padded length), no padding computed
-    pack_sequences: bool = True
-    pack_tokens: Optional[int] = None
-    allow_tokenizer_change: bool = False
 
 
 # ----------------------------------------------------------------------------- roles
@@ -139,17 +81,6 @@ class Roles:
     critic: Optional[torch.nn.Module]
     critic_optimizer: object = None
     critic_scheduler: object = None
-
-
-def _read(path: str, what: str) -> dict:
-    if not path or checkpointing.resolve_checkpoint(path) is None:
-        raise FileNotFoundError(f"{what} {path!r}: no complete checkpoint there")
-    return checkpointing.read_config(path)
-
-
-def _probe_tokenizers_match(a, b) -> bool:
-    probes = ["The answer is 42.", "Sort ascending: 3 1 2", " x = y + 7\nTherefore"]
-    return a.vocab_size == b.vocab_size and a.eos_id == b.eos_id and all(a.encode(p) == b.encode(p) for p in probes)
 
 
 def _offload(model, on: bool, enabled: bool) -> None:
@@ -194,10 +125,8 @@ def build_roles(cfg: RLConfig, actor_cfg: dict, rm_cfg: dict) -> Roles:
 
     critic = critic_opt = critic_sched = None
     if cfg.algo == "ppo":
-        if cfg.critic_init == "reward" and rm_cfg is None:
-            cfg.critic_init = "actor"  # rule-based rewards: no reward backbone to start from
         if cfg.critic_init == "checkpoint":
-            src, src_cfg = cfg.critic_checkpoint, _read(cfg.critic_checkpoint, "--critic-checkpoint")
+            src, src_cfg = cfg.critic_checkpoint, checkpointing.read_config(cfg.critic_checkpoint)
         elif cfg.critic_init == "actor":
             src, src_cfg = cfg.actor, actor_cfg
         else:
@@ -258,133 +187,52 @@ class RLTrainer:
     the demo's checker or a test's synthetic reward); ``rm_kind`` then says how to treat them."""
 
     def __init__(self, cfg: RLConfig, reward_fn: Optional[RewardFn] = None, reward_kind: str = "qrm"):
-        self.cfg = cfg
-        self.reward_fn = reward_fn
-        cfg.actor_optim.check()
-        cfg.critic_optim.check("--critic-lr")
-        if cfg.value_clip is not None and not (cfg.value_clip > 0):
-            raise ValueError(f"--value-clip {cfg.value_clip}: must be positive")
+        check_optimizer_flags(cfg)
         parallel.initialize(cfg.parallel)
-        resume_dir = checkpointing.resolve_checkpoint(os.path.join(cfg.load, "actor")) if cfg.load else None
-        if cfg.load and resume_dir is None and cfg.load != cfg.save:
-            raise FileNotFoundError(f"--load {cfg.load}: no RL checkpoint (expected {cfg.load}/actor/latest)")
-        self.resume_dir = resume_dir
-        if resume_dir is None:
-            cfg.load = None
-            if not cfg.actor:
-                raise ValueError("--actor-checkpoint (the initial policy) is required")
-        # every checkpoint named by a flag is resolved ONCE: what is loaded, checked and recorded is the
-        # same directory even while another run writes a newer `latest` there
-        if cfg.actor:
-            cfg.actor = checkpointing.resolve_or_fail(cfg.actor, "--actor-checkpoint")
-        if reward_fn is None and cfg.reward_model:
-            cfg.reward_model = checkpointing.resolve_or_fail(cfg.reward_model, "--reward-model")
-        actor_src = resume_dir or cfg.actor
-        actor_cfg = _read(actor_src, "--actor-checkpoint")
-        if resume_dir and not cfg.actor:  # the reference (and an actor-initialised critic) start from it
-            cfg.actor = actor_cfg.get("rl", {}).get("initial_actor")
-            if not cfg.actor:
-                raise ValueError(f"--load {cfg.load}: the checkpoint does not record the initial policy; pass "
-                                 f"--actor-checkpoint")
-        if reward_fn is None:
-            if cfg.reward_model is None:
-                raise ValueError("--reward-model is required")
-            rm_cfg = _read(cfg.reward_model, "--reward-model")
-            self.rm_kind = rm_cfg.get("reward_loss", {}).get("kind", "qrm")
-        else:
-            rm_cfg, self.rm_kind = None, reward_kind
-        self.model_cfg = ModelConfig.from_dict(actor_cfg["model"])
-        check_parallel_layout(self.model_cfg, cfg.parallel, dist.get_world_size())
-
-        tok_path = cfg.tokenizer or actor_cfg.get("tokenizer")
-        if not tok_path:
-            raise ValueError("--tokenizer is required: the actor checkpoint does not record one")
-        self.tokenizer = load_tokenizer(tok_path)
-        self.tokenizer_path = tok_path
-        self.tokenizer_change = check_tokenizer_identity(actor_cfg, self.tokenizer, tok_path, checkpoint=actor_src,
-                                                         allow_change=cfg.allow_tokenizer_change)
-        rm_tok = (rm_cfg or {}).get("tokenizer")
-        if rm_cfg is not None and not (rm_tok and os.path.abspath(rm_tok) != os.path.abspath(tok_path)):
-            # the reward model reads the actor's tokens: they must be the ids it was trained on
-            check_tokenizer_identity(rm_cfg, self.tokenizer, tok_path, checkpoint=cfg.reward_model,
-                                     flag="--tokenizer (for --reward-model)", allow_change=cfg.allow_tokenizer_change)
-        self.rm_tokenizer = None  # set when responses must be re-tokenised for the reward model
-        if rm_tok and os.path.abspath(rm_tok) != os.path.abspath(tok_path):
-            other = load_tokenizer(rm_tok)
-            check_tokenizer_identity(rm_cfg, other, rm_tok, checkpoint=cfg.reward_model,
-                                     flag="the reward model's recorded tokenizer", allow_change=cfg.allow_tokenizer_change)
-            if not _probe_tokenizers_match(self.tokenizer, other):
-                if not cfg.allow_retokenize:
-                    raise ValueError(f"the reward model's tokenizer ({rm_tok}) differs from the actor's ({tok_path}); "
-                                     f"its credits would not line up with the actor's tokens. Pass "
-                                     f"--allow-retokenize to accept it")
-                self.rm_tokenizer = other
-                self.rm_chat_template = bool(rm_cfg.get("chat_template", False))
-                self.rm_max_length = int(ModelConfig.from_dict(rm_cfg["model"]).max_position_embeddings)
-                self._rm_prompt_cache: dict[int, list[int]] = {}
-                if cfg.algo == "ppo" and cfg.critic_init == "reward":
-                    log.warning("--allow-retokenize: the critic reads the actor's tokens, so it cannot start from the "
-                                "reward model (another vocabulary); using --critic-init actor")
-                    cfg.critic_init = "actor"
-        if cfg.algo == "ppo" and cfg.critic_init == "checkpoint":
-            if not cfg.critic_checkpoint:
-                raise ValueError("--critic-init checkpoint needs --critic-checkpoint")
-            _read(cfg.critic_checkpoint, "--critic-checkpoint")  # fail before building any model
-        if cfg.algo == "reinforce":
-            cfg.advantage = "returns"  # REINFORCE: standardised credits (Q-RM) or the sequence reward as returns
-        elif cfg.advantage is None:
-            cfg.advantage = "qrm" if self.rm_kind == "qrm" else "gae"
-        if cfg.algo == "ppo" and cfg.advantage in ("qrm", "qrm-reference") and self.rm_kind != "qrm":
-            raise ValueError(f"--advantage {cfg.advantage} needs a Q-RM; the reward model is {self.rm_kind} "
-                             f"(use --advantage gae)")
-
-        self.prompts = PromptDataset(dataclasses.replace(cfg.prompts, chat_template=resolve_chat_template(
-            cfg.prompts.chat_template, self.tokenizer, actor_cfg)), self.tokenizer)
+        run = resolve_rl_run(cfg, world_size=dist.get_world_size(), rule_based_reward=reward_fn is not None,
+                             reward_kind=reward_kind)
+        self.run, self.cfg, self.reward_fn = run, run.cfg, reward_fn
+        self.rm_kind, self.model_cfg, self.resume_dir = run.reward_kind, run.model, run.resume_dir
+        self.tokenizer, self.tokenizer_path = run.tokenizer, run.tokenizer_path
+        # the reward model's own tokenizer, when responses are re-tokenised for it (tests may set these)
+        self.rm_tokenizer, self.rm_chat_template, self.rm_max_length = (run.rm_tokenizer, run.rm_chat_template,
+                                                                        run.rm_max_length)
+        self._rm_prompt_cache: dict[int, list[int]] = {}
+        self.estimator = ESTIMATORS[self.cfg.advantage]
+        self.prompts = PromptDataset(dataclasses.replace(self.cfg.prompts, chat_template=resolve_chat_template(
+            self.cfg.prompts.chat_template, self.tokenizer, run.actor_config)), self.tokenizer)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        if cfg.rollout_batch_size % self.dp_size:
-            raise ValueError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by the "
-                             f"data-parallel size {self.dp_size}")
-        n_seq = cfg.rollout_batch_size * cfg.samples_per_prompt
-        if n_seq % cfg.global_batch_size or cfg.global_batch_size % (cfg.micro_batch_size * self.dp_size):
-            raise ValueError(f"--global-batch-size {cfg.global_batch_size} must divide the rollout "
-                             f"({n_seq} sequences) and be a multiple of --micro-batch-size x data-parallel size")
-        if cfg.pack_sequences and cfg.pack_tokens is not None and cfg.pack_tokens < cfg.prompts.seq_length:
-            raise ValueError(f"--pack-tokens {cfg.pack_tokens} is smaller than --seq-length {cfg.prompts.seq_length} "
-                             "(a rollout row's longest); raise it or leave it unset")
-        self.sampler = GlobalBatchSampler(len(self.prompts), cfg.rollout_batch_size,
-                                          cfg.rollout_batch_size // self.dp_size, self.dp_rank, self.dp_size,
-                                          seed=cfg.parallel.seed)
-        # pre-flight: --save / --log-dir writable, room for one actor (+ critic) checkpoint, before any model
-        need = checkpointing.estimate_checkpoint_bytes(self.model_cfg, "policy", bf16=cfg.bf16)
-        if cfg.algo == "ppo":
-            need += checkpointing.estimate_checkpoint_bytes(self.model_cfg, "critic", bf16=cfg.bf16)
-        checkpointing.preflight_save_dir(cfg.save, "--save", need)
-        checkpointing.preflight_save_dir(cfg.log_dir, "--log-dir")
-        self.roles = build_roles(cfg, actor_cfg, rm_cfg)
+        self.sampler = GlobalBatchSampler(len(self.prompts), self.cfg.rollout_batch_size,
+                                          self.cfg.rollout_batch_size // self.dp_size, self.dp_rank, self.dp_size,
+                                          seed=self.cfg.parallel.seed)
+        self.roles = build_roles(self.cfg, run.actor_config, run.reward_config)
         self.state = checkpointing.TrainState()
-        if resume_dir:
-            self._load(resume_dir)
-        self.ckpt_config = {"kind": "policy", "role": "policy", "model": self.model_cfg.to_dict(),
-                            "tokenizer": os.path.abspath(tok_path) if os.path.exists(tok_path) else tok_path,
-                            "chat_template": self.prompts.cfg.chat_template, "seq_length": cfg.prompts.seq_length,
-                            "lora": dataclasses.asdict(LoRAConfig()), "rl": {"algo": cfg.algo, "advantage": cfg.advantage,
-                                                                            "reward_model": cfg.reward_model,
-                                                                            "reward_kind": self.rm_kind,
-                                                                            "initial_actor": os.path.abspath(cfg.actor)},
-                            **checkpointing.tokenizer_record(self.tokenizer, tok_path, actor_cfg, self.tokenizer_change)}
-        self.logger = MetricsLogger(cfg.log_dir or cfg.save, enabled=parallel.is_rank0(), tensorboard=cfg.tensorboard,
-                                    wandb_project=cfg.wandb_project, wandb_run_name=cfg.wandb_run_name,
-                                    total_steps=cfg.train_iters, start_step=self.state.iteration,
-                                    desc=f"train-{cfg.algo} ({self.rm_kind})", supersede_after_start=True)
-        self.guards = {"actor": NonFiniteGuard(cfg.max_nonfinite_steps, what="iteration"),
-                       "critic": NonFiniteGuard(cfg.max_nonfinite_steps, what="iteration")}
-        if reward_fn is None:
-            self.logger.message(f"actor {actor_src}, reward model {cfg.reward_model}")
-        self.logger.message(f"{cfg.algo}: reward={self.rm_kind} advantage={cfg.advantage} prompts={len(self.prompts)} "
-                            f"({self.prompts.stats}) rollout={cfg.rollout_batch_size}x{cfg.samples_per_prompt}"
-                            + (" (reward model scores re-tokenised responses)" if self.rm_tokenizer is not None else ""))
-        if resume_dir:
-            self.logger.message(f"resumed from {resume_dir} at iteration {self.state.iteration}")
+        if run.resume_dir:
+            self._load(run.resume_dir)
+        self.ckpt_config = self._checkpoint_record()
+        self.logger = MetricsLogger(self.cfg.log_dir or self.cfg.save, enabled=parallel.is_rank0(),
+                                    tensorboard=self.cfg.tensorboard, wandb_project=self.cfg.wandb_project,
+                                    wandb_run_name=self.cfg.wandb_run_name, total_steps=self.cfg.train_iters,
+                                    start_step=self.state.iteration, desc=f"train-{self.cfg.algo} ({self.rm_kind})",
+                                    supersede_after_start=True)
+        self.guards = {"actor": NonFiniteGuard(self.cfg.max_nonfinite_steps, what="iteration"),
+                       "critic": NonFiniteGuard(self.cfg.max_nonfinite_steps, what="iteration")}
+        for line in describe(run, self.prompts):
+            self.logger.message(line)
+        if run.resume_dir:
+            self.logger.message(f"resumed from {run.resume_dir} at iteration {self.state.iteration}")
+
+    def _checkpoint_record(self) -> dict:
+        """The ``qrm_config.json`` of the actor's checkpoints."""
+        cfg, run = self.cfg, self.run
+        tok_path = self.tokenizer_path
+        return {"kind": "policy", "role": "policy", "model": self.model_cfg.to_dict(),
+                "tokenizer": os.path.abspath(tok_path) if os.path.exists(tok_path) else tok_path,
+                "chat_template": self.prompts.cfg.chat_template, "seq_length": cfg.prompts.seq_length,
+                "lora": dataclasses.asdict(LoRAConfig()),
+                "rl": {"algo": cfg.algo, "advantage": cfg.advantage, "reward_model": cfg.reward_model,
+                       "reward_kind": self.rm_kind, "initial_actor": os.path.abspath(cfg.actor)},
+                **checkpointing.tokenizer_record(self.tokenizer, tok_path, run.actor_config, run.tokenizer_change)}
 
     # ---- checkpoints (critic first, actor last: the actor's `latest` commits the iteration)
     def _save(self) -> None:
@@ -500,64 +348,44 @@ class RLTrainer:
 
     # ---- 3. advantages (last stage; statistics over every DP rank's rollout)
     def advantages(self, exp: dict) -> dict[str, float]:
+        """Adds ``advantages`` and ``returns`` ``[n, L]`` (this rank's rows) to ``exp``, computed by the run's
+        estimator (:mod:`megatron_qrm.rl.estimators`) over every data-parallel rank's rows; returns the
+        rollout's statistics. Last pipeline stage only (elsewhere: ``{}``)."""
         cfg = self.cfg
         if not ps.is_pipeline_last_stage():
             return {}
         mask = exp["action_mask"]
         n = mask.shape[0]
-        g = {k: _dp_gather_rows(exp[k]) for k in ("credits", "action_mask")}
+        g = {k: _dp_gather_rows(exp[k]) for k in ("credits", "action_mask", "values", "kl", "logp_old", "logp_ref")
+             if exp.get(k) is not None}
         gmask = g["action_mask"]
+        zeros = torch.zeros_like(gmask)
         if self.rm_kind == "orm":  # the ORM scores the last token: its credit is the sequence reward
             seq = last_token_values(g["credits"], gmask)
             rewards = adv.orm_token_rewards(seq, gmask)
         else:
-            seq = None
-            rewards = g["credits"] * gmask
-        for k in ("values", "kl", "logp_old", "logp_ref"):
-            if exp.get(k) is not None:
-                g[k] = _dp_gather_rows(exp[k])
-        values = g.get("values", torch.zeros_like(gmask))
-        kl = g.get("kl", torch.zeros_like(gmask))
-        if cfg.algo == "reinforce":
-            if self.rm_kind == "qrm":
-                returns = adv.reinforce_returns_qrm(rewards, gmask, center=cfg.reinforce_center, eos_rescore=cfg.eos_rescore)
-            elif self.rm_kind == "orm":
-                # centred (R - mean) / std over sequences; --no-reward-centering: the reference's broadcast
-                # reward divided by sigma over tokens, uncentred (docs/rl.md)
-                returns = (adv.reinforce_returns_orm(seq, gmask) if cfg.reinforce_center else
-                           adv.orm_token_rewards(seq, gmask, last_token_only=False, normalize=True))
-            else:
-                returns = adv.reinforce_returns_qrm(rewards, gmask, center=cfg.reinforce_center, eos_rescore=cfg.eos_rescore)
-            advantages = returns
-        elif cfg.advantage == "qrm":
-            out = adv.qrm_advantages(rewards, values, kl, gmask, kl_coef=cfg.kl_coef)
-            advantages, returns = out.advantages, out.returns
-        elif cfg.advantage == "qrm-reference":
-            out = adv.qrm_reference_advantages(rewards, values, g.get("logp_old", torch.zeros_like(gmask)),
-                                               g.get("logp_ref", g.get("logp_old", torch.zeros_like(gmask))), gmask,
-                                               kl_coef=cfg.kl_coef, value_coef=cfg.value_coef)
-            advantages, returns = out.advantages, out.returns
-        else:  # gae on shaped rewards (ORM last-token / DPO-RM log-ratio), std-normalised, KL-penalised
-            # ORM: sigma over the score broadcast to every action (the reference's), then last token only
-            shaped = (adv.orm_token_rewards(seq, gmask, normalize=True) if self.rm_kind == "orm"
-                      else adv.normalize_by_std(rewards, gmask))
-            shaped = adv.add_kl_penalty(shaped, kl, gmask, cfg.kl_coef)
-            out = adv.gae_advantages(shaped, values, gmask, gamma=cfg.gamma, lam=cfg.lam)
-            advantages, returns = out.advantages, out.returns
+            seq, rewards = None, g["credits"] * gmask
+        logp_old = g.get("logp_old", zeros)
+        inputs = EstimatorInputs(rewards=rewards, sequence_reward=seq, values=g.get("values", zeros),
+                                 kl=g.get("kl", zeros), logp_old=logp_old, logp_ref=g.get("logp_ref", logp_old),
+                                 mask=gmask)
+        out = self.estimator(inputs, EstimatorSettings(kl_coef=cfg.kl_coef, value_coef=cfg.value_coef,
+                                                       gamma=cfg.gamma, lam=cfg.lam,
+                                                       reinforce_center=cfg.reinforce_center,
+                                                       eos_rescore=cfg.eos_rescore))
         start = sum(int(x) for x in self._dp_counts()[: self.dp_rank])
         rows = slice(start, start + n)
-        exp["advantages"] = advantages[rows, : mask.shape[1]].contiguous()
-        exp["returns"] = returns[rows, : mask.shape[1]].contiguous()
+        exp["advantages"] = out.advantages[rows, : mask.shape[1]].contiguous()
+        exp["returns"] = out.returns[rows, : mask.shape[1]].contiguous()
         tok = gmask.sum().clamp(min=1)
         seq_score = (rewards * gmask).sum(-1) / gmask.sum(-1).clamp(min=1) if seq is None else seq
-        stats = {
+        return {
             "token_reward_mean": float((rewards * gmask).sum() / tok),
             "sequence_score_mean": float(seq_score.mean()),
-            "kl_mean": float((kl * gmask).sum() / tok),
-            "advantage_mean": float((advantages * gmask).sum() / tok),
+            "kl_mean": float((inputs.kl * gmask).sum() / tok),
+            "advantage_mean": float((out.advantages * gmask).sum() / tok),
             "response_length": float(gmask.sum(-1).float().mean()),
         }
-        return stats
 
     def _dp_counts(self) -> list[int]:
         n = torch.tensor([self.cfg.rollout_batch_size // self.dp_size * self.cfg.samples_per_prompt])
@@ -667,7 +495,8 @@ class RLTrainer:
             if cfg.eval_data and cfg.task and (self.state.iteration % cfg.eval_interval == 0
                                                or self.state.iteration == cfg.train_iters):
                 last.update(self.evaluate())
-            self.logger.log(self.state.iteration, last)
+            if self.state.iteration % cfg.log_interval == 0 or self.state.iteration == cfg.train_iters:
+                self.logger.log(self.state.iteration, last)
             if cfg.save and (self.state.iteration % cfg.save_interval == 0 or self.state.iteration == cfg.train_iters):
                 self._save()
             if cfg.exit_interval and self.state.iteration % cfg.exit_interval == 0 and self.state.iteration < cfg.train_iters:

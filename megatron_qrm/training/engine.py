@@ -18,22 +18,25 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_qrm.errors import NonFiniteError
+from megatron_qrm.options import option
 
 log = logging.getLogger("megatron_qrm")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
+    """Adam and its learning-rate schedule (megatron-core's ``OptimizerConfig`` + ``OptimizerParamScheduler``)."""
+
+    lr: float = option(1e-5, help="learning rate")
     min_lr: float = 0.0
     lr_warmup_iters: int = 0
     lr_decay_style: str = "constant"  # constant | linear | cosine
     lr_decay_iters: Optional[int] = None  # default: --train-iters
-    weight_decay: float = 0.0
+    weight_decay: float = option(0.0, help="decoupled weight decay")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    clip_grad: float = 1.0  # 0 disables clipping
+    clip_grad: float = option(1.0, help="gradient norm clipping (0 disables it)")
     use_distributed_optimizer: bool = True
     bf16: bool = False
 
