@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -31,14 +30,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
-from megatron_qrm.config import ModelConfig
 from megatron_qrm.data import PromptDataset
 from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.packing import unsupported_reason
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.errors import NonFiniteError
-from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
-from megatron_qrm.models.lora import is_lora_param, lora_disabled
+from megatron_qrm.models import LoRAConfig
+from megatron_qrm.models.lora import lora_disabled
 from megatron_qrm.rewards.losses import last_token_values
 from megatron_qrm.rl import advantages as adv
 from megatron_qrm.rl import losses as rl_losses
@@ -54,94 +52,14 @@ from megatron_qrm.rl.experience import (
     token_logprobs,
 )
 from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
+from megatron_qrm.rl.roles import build_roles, offload
 from megatron_qrm.rl.rollout import Rollout, generate
 from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
 from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
-from megatron_qrm.training.engine import (
-    NonFiniteGuard,
-    build_optimizer,
-    reduce_metric_sums,
-    run_global_batch,
-    wrap_ddp,
-)
+from megatron_qrm.training.engine import NonFiniteGuard, reduce_metric_sums, run_global_batch
 from megatron_qrm.training.metrics_log import MetricsLogger
 
 log = logging.getLogger("megatron_qrm")
-
-
-# ----------------------------------------------------------------------------- roles
-@dataclass
-class Roles:
-    actor: torch.nn.Module  # DDP-wrapped
-    actor_optimizer: object
-    actor_scheduler: object
-    reference: Optional[torch.nn.Module]
-    reward: torch.nn.Module
-    reward_reference: Optional[torch.nn.Module]  # DPO-RM with a separate reference
-    critic: Optional[torch.nn.Module]
-    critic_optimizer: object = None
-    critic_scheduler: object = None
-
-
-def _offload(model, on: bool, enabled: bool) -> None:
-    """Move a frozen model off the GPU between the phases that use it (``--offload``)."""
-    if enabled and torch.cuda.is_available() and model is not None:
-        model.to("cuda" if on else "cpu")
-
-
-def build_roles(cfg: RLConfig, actor_cfg: dict, rm_cfg: dict) -> Roles:
-    model_cfg = ModelConfig.from_dict(actor_cfg["model"])
-    prec = PrecisionConfig(bf16=cfg.bf16)
-    kw = dict(precision=prec, sequence_parallel=cfg.parallel.sequence_parallel, transformer_impl=cfg.transformer_impl,
-              seed=cfg.parallel.seed, local_attention=cfg.local_attention)
-
-    actor = build_model(model_cfg, "policy", **kw)
-    actor_ddp = wrap_ddp(actor, cfg.actor_optim)
-    actor_opt, actor_sched = build_optimizer(actor_ddp, cfg.actor_optim, cfg.train_iters)
-    if not cfg.load:  # a resume loads everything below from the RL checkpoint
-        checkpointing.load_checkpoint(cfg.actor, actor_ddp, load_rng=False, model_key_filter=lambda k: not is_lora_param(k))
-
-    reference = None
-    if cfg.algo == "ppo" and cfg.kl_coef > 0:
-        reference = build_model(model_cfg, "policy", **kw)
-        checkpointing.load_checkpoint(cfg.actor, reference, load_rng=False, model_key_filter=lambda k: not is_lora_param(k))
-        reference.eval()
-
-    reward = reward_reference = None
-    if rm_cfg is not None:
-        rm_model_cfg = ModelConfig.from_dict(rm_cfg["model"])
-        rm_kind = rm_cfg.get("reward_loss", {}).get("kind", "qrm")
-        rm_lora = LoRAConfig(**{k: (tuple(v) if k == "targets" else v) for k, v in rm_cfg.get("lora", {}).items()})
-        reward = build_model(rm_model_cfg, "policy" if rm_kind == "dpo" else "reward", lora=rm_lora, **kw)
-        checkpointing.load_checkpoint(cfg.reward_model, reward, load_rng=False)
-        reward.eval()
-    if rm_cfg is not None and rm_kind == "dpo" and not rm_lora.enabled:
-        if not cfg.dpo_reference:
-            raise ValueError("the DPO-RM was fully fine-tuned: pass --dpo-reference with its reference model")
-        reward_reference = build_model(rm_model_cfg, "policy", **kw)
-        checkpointing.load_checkpoint(cfg.dpo_reference, reward_reference, load_rng=False,
-                                      model_key_filter=lambda k: not is_lora_param(k))
-        reward_reference.eval()
-
-    critic = critic_opt = critic_sched = None
-    if cfg.algo == "ppo":
-        if cfg.critic_init == "checkpoint":
-            src, src_cfg = cfg.critic_checkpoint, checkpointing.read_config(cfg.critic_checkpoint)
-        elif cfg.critic_init == "actor":
-            src, src_cfg = cfg.actor, actor_cfg
-        else:
-            src, src_cfg = cfg.reward_model, rm_cfg
-        critic = build_model(ModelConfig.from_dict(src_cfg["model"]), "critic", lora=cfg.critic_lora, **kw)
-        critic_ddp = wrap_ddp(critic, cfg.critic_optim)
-        critic_opt, critic_sched = build_optimizer(critic_ddp, cfg.critic_optim, cfg.train_iters)
-        if not cfg.load:
-            # the backbone from the source; a fresh value head (as the paper/reference re-initialise it)
-            keep_head = cfg.critic_init == "checkpoint"
-            checkpointing.load_checkpoint(
-                src, critic_ddp, load_rng=False,
-                model_key_filter=lambda k: not is_lora_param(k) and (keep_head or not k.startswith("output_layer.")))
-        critic = critic_ddp
-    return Roles(actor_ddp, actor_opt, actor_sched, reference, reward, reward_reference, critic, critic_opt, critic_sched)
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -289,25 +207,25 @@ class RLTrainer:
         mb, vocab = cfg.forward_micro_batch_size, self.tokenizer.vocab_size
         need_ref = r.reference is not None
         if need_ref and cfg.kl_estimator == "full":
-            _offload(r.reference, True, cfg.offload)
+            offload(r.reference, True, cfg.offload)
             exp["logp_old"], exp["logp_ref"], exp["kl"] = policy_logprobs_and_full_kl(r.actor, r.reference, exp, mb, vocab)
-            _offload(r.reference, False, cfg.offload)
+            offload(r.reference, False, cfg.offload)
         else:
             exp["logp_old"] = policy_logprobs(r.actor, exp, mb, vocab)
             if need_ref:
-                _offload(r.reference, True, cfg.offload)
+                offload(r.reference, True, cfg.offload)
                 exp["logp_ref"] = policy_logprobs(r.reference, exp, mb, vocab)
-                _offload(r.reference, False, cfg.offload)
+                offload(r.reference, False, cfg.offload)
                 if exp["logp_old"] is not None:
                     exp["kl"] = kl_penalty(cfg.kl_estimator, logp=exp["logp_old"], logp_ref=exp["logp_ref"])
-        _offload(r.reward, True, cfg.offload)
+        offload(r.reward, True, cfg.offload)
         if self.reward_fn is not None:
             exp["credits"] = self.reward_fn(exp) if ps.is_pipeline_last_stage() else None
         elif self.rm_tokenizer is not None:
             exp["credits"] = self.retokenized_credits(exp)
         else:
             exp["credits"] = self._reward_credits(exp, vocab)
-        _offload(r.reward, False, cfg.offload)
+        offload(r.reward, False, cfg.offload)
         if r.critic is not None:
             exp["values"] = head_scores(r.critic, exp, mb, shift_to_state=True)
         return exp
