@@ -56,8 +56,9 @@ from megatron_qrm.rl.roles import build_roles, offload
 from megatron_qrm.rl.rollout import Rollout, generate
 from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
 from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
-from megatron_qrm.training.engine import NonFiniteGuard, reduce_metric_sums, run_global_batch
+from megatron_qrm.training.engine import NonFiniteGuard
 from megatron_qrm.training.metrics_log import MetricsLogger
+from megatron_qrm.training.step import optimizer_step
 
 log = logging.getLogger("megatron_qrm")
 
@@ -317,7 +318,6 @@ class RLTrainer:
         n = exp["tokens"].shape[0]
         per_step = cfg.global_batch_size // self.dp_size
         totals: dict[str, float] = {k: 0.0 for k in names}
-        steps = 0
         for epoch in range(epochs):
             order = np.random.RandomState(cfg.parallel.seed + 7919 * self.state.iteration + epoch).permutation(n)
             for s in range(0, n, per_step):
@@ -326,19 +326,14 @@ class RLTrainer:
                 if cfg.pack_sequences and not unsupported_reason(model):
                     capacity = cfg.pack_tokens or cfg.micro_batch_size * exp["tokens"].shape[1]
                 micro = update_microbatches(exp, rows, keys, cfg.micro_batch_size, self.tokenizer.pad_id, capacity)
-                model.zero_grad_buffer()
-                optimizer.zero_grad()
-                outs = run_global_batch(model, update_forward_step(loss_fn), micro, forward_only=False)
-                sums = reduce_metric_sums(outs, names)
                 label = "actor" if model is self.roles.actor else "critic"
-                if not self.guards[label].allow_step(self.state.iteration + 1, sums[names[0]], model, label=label):
+                result = optimizer_step(model, optimizer, scheduler, forward_step=update_forward_step(loss_fn),
+                                        microbatches=micro, metric_names=names, guard=self.guards[label],
+                                        step=self.state.iteration + 1, loss_name=names[0], label=label)
+                if not result.stepped:
                     continue  # non-finite loss or gradients: no update (the guard stops a run that persists)
-                _, grad_norm, _ = optimizer.step()
-                scheduler.step(increment=1)
-                self.guards[label].after_step(self.state.iteration + 1, grad_norm)
                 for k in names:
-                    totals[k] += sums[k]
-                steps += 1
+                    totals[k] += result.sums[k]
         return totals
 
     def _actor_loss(self, output, batch):
