@@ -74,18 +74,20 @@ def parallel_config_from_args(args) -> ParallelConfig:
 def use_bf16(args) -> bool:
     import torch
 
-    if args.bf16 and args.fp32:
+    bf16, fp32 = args.bf16, args.fp32
+    if bf16 and fp32:
         raise ValueError("--bf16 and --fp32 are exclusive")
-    if args.bf16 and not torch.cuda.is_available():
+    if bf16 and not torch.cuda.is_available():
         raise ValueError("--bf16 needs a GPU; on CPU training runs in fp32")
-    return args.bf16 or (torch.cuda.is_available() and not args.fp32)
+    return bf16 or (torch.cuda.is_available() and not fp32)
 
 
 CHAT_TEMPLATE_HELP = ("render prompts with the tokenizer's chat template (default: on when the tokenizer has "
                       "one, or as the checkpoint records)")
 
 
-def add_data_args(p: argparse.ArgumentParser, data_flag: str, required: bool) -> None:
+def add_data_args(p: argparse.ArgumentParser, data_flag: str, required: bool, training: bool = True) -> None:
+    """Preference-data flags (``training``: also ``--strict-data``, which only the trainer reads)."""
     g = p.add_argument_group("data")
     g.add_argument(data_flag, dest="data_path", required=required,
                    help="preference pairs: .jsonl, .jsonl.gz, .parquet, or a `datasets` name/path")
@@ -100,8 +102,10 @@ def add_data_args(p: argparse.ArgumentParser, data_flag: str, required: bool) ->
                    help="skip (and count) pairs whose prompt alone exceeds --seq-length instead of failing")
     g.add_argument("--data-split", default="train", help="split, for a `datasets` source")
     g.add_argument("--max-pairs", type=int)
-    g.add_argument("--strict-data", action="store_true",
-                   help="fail on a pair with an empty side or chosen == rejected instead of skipping (and counting) it")
+    if training:
+        g.add_argument("--strict-data", action="store_true",
+                       help="fail on a pair with an empty side or chosen == rejected instead of skipping (and counting) "
+                            "it")
 
 
 def add_logging_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +154,7 @@ def add_packing_args(p: argparse.ArgumentParser, group_by_length: bool = True, s
                             "(each attending to the prompt and itself): the prompt is computed once, the losses are "
                             "unchanged. Needs the local spec's SDPA attention (not Transformer Engine). Default: on "
                             "where packing is on and the attention supports it")
-        s.add_argument("--no-pack-shared-prompts", dest="pack_shared_prompts", action="store_false",
+        s.add_argument("--no-pack-shared-prompts", dest="pack_shared_prompts", action="store_false", default=None,
                        help="pack both sequences of a pair whole (the prompt computed twice)")
     if group_by_length:
         g.add_argument("--group-by-length", action="store_true",

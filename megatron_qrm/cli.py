@@ -145,7 +145,7 @@ def build_eval_rm_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval-rm", help="pairwise accuracy / margin of a reward model on a preference file",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="reward-model checkpoint (save dir or iter_* dir)")
-    add_data_args(p, "--data", required=True)
+    add_data_args(p, "--data", required=True, training=False)
     add_parallel_args(p)
     p.add_argument("--micro-batch-size", type=int, default=4, help="pairs per forward pass")
     add_packing_args(p, group_by_length=False, shared_prompts=True)
