@@ -5,6 +5,38 @@ from __future__ import annotations
 import argparse
 
 
+ENGINES = ("megatron", "vllm")  # = megatron_qrm.rl.rollout_engine.ENGINES (not imported: the parser stays light)
+
+
+def add_rollout_engine_args(parser, *, training: bool = True) -> None:
+    """``--rollout-engine`` and the vLLM settings (train-ppo / train-reinforce / eval-policy)."""
+    g = parser.add_argument_group("rollout engine")
+    g.add_argument("--rollout-engine", choices=ENGINES, default="megatron",
+                   help="sampling engine: the project's KV-cache decoder on the policy, or an in-process vLLM engine "
+                        "refitted from the policy after every update (tools/install_vllm.sh; docs/vllm.md)")
+    g.add_argument("--vllm-kv-cache-gib", type=float, default=1.0,
+                   help="vLLM KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.4,
+                   help="GPU: fraction of the device the colocated vLLM engine may take")
+    g.add_argument("--vllm-prefix-caching", action="store_true", help="vLLM prefix caching (reset at every refit)")
+    g.add_argument("--vllm-sleep-level", type=int, choices=(0, 1, 2), default=0,
+                   help="GPU colocated: put vLLM to sleep during training (1: weights offloaded, 2: discarded); "
+                        "untested (no GPU in CI)")
+    if training:
+        g.add_argument("--rollout-is-correction", action="store_true",
+                       help="multiply each token's policy loss by min(exp(logp_old - behaviour_logp), cap): "
+                            "truncated importance sampling for the engine/trainer mismatch (docs/vllm.md)")
+        g.add_argument("--rollout-is-cap", type=float, default=2.0, help="cap of --rollout-is-correction")
+
+
+def engine_config_from_args(args):
+    """The vLLM engine settings of the flags above (rl/vllm_engine.VLLMEngineConfig)."""
+    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig
+
+    return VLLMEngineConfig(kv_cache_gib=args.vllm_kv_cache_gib, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                            enable_prefix_caching=args.vllm_prefix_caching, sleep_level=args.vllm_sleep_level)
+
+
 def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
     from megatron_qrm.arguments import CHAT_TEMPLATE_HELP, add_logging_args, add_packing_args, add_parallel_args
 
@@ -45,6 +77,7 @@ def add_rl_parser(sub, algo: str) -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--stop-token-ids", default="", help="comma-separated extra stop ids (EOS always stops)")
     g.add_argument("--no-kv-cache", action="store_true", help="recompute the prefix at every step (debugging)")
+    add_rollout_engine_args(p)
     add_packing_args(p, group_by_length=False)
     g = p.add_argument_group("advantages and losses")
     if algo == "ppo":
@@ -133,7 +166,11 @@ def run_rl(args, algo: str) -> int:
         value_clip=getattr(args, "value_clip", None),
         max_nonfinite_steps=args.max_nonfinite_steps, allow_tokenizer_change=args.allow_tokenizer_change,
         pack_sequences=not args.no_pack_sequences, pack_tokens=args.pack_tokens,
+        rollout_engine=args.rollout_engine, vllm=engine_config_from_args(args),
+        rollout_is_correction=args.rollout_is_correction, rollout_is_cap=args.rollout_is_cap,
     )
+    if cfg.rollout_is_correction and not cfg.rollout_is_cap > 0:
+        raise ValueError(f"--rollout-is-cap {cfg.rollout_is_cap}: must be positive")
     if ppo is False:
         cfg.kl_coef = 0.0  # REINFORCE (as the paper's): no reference model, no critic
     train_rl(cfg)
