@@ -81,3 +81,29 @@ def test_lora_is_merged(streamed, request):
     got = streamed["layouts"]["tp1"]["model.layers.0.self_attn.q_proj.weight"]
     torch.testing.assert_close(got, q_rows, rtol=0, atol=1e-6)
     assert float((got - base_q).abs().max()) > 1e-2
+
+
+def test_truncated_is_weights_and_weighted_losses():
+    """--rollout-is-correction: w = min(exp(logp_old - behaviour), cap) on actions, 0 elsewhere (hand-derived),
+    and the weighted PPO / REINFORCE token losses are the unweighted ones times w."""
+    import math
+
+    from megatron_qrm.rl import losses
+
+    logp_old = torch.tensor([[0.0, -1.0, -2.0, -0.5]])
+    behaviour = torch.tensor([[0.0, -1.5, -1.0, -3.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    w = losses.truncated_is_weights(logp_old, behaviour, mask, cap=2.0)
+    assert torch.allclose(w, torch.tensor([[0.0, math.exp(0.5), math.exp(-1.0), 2.0]]))
+    with pytest.raises(ValueError, match="rollout-is-cap"):
+        losses.truncated_is_weights(logp_old, behaviour, mask, cap=0.0)
+    logp = torch.tensor([[0.0, -0.9, -2.1, -0.4]])
+    adv = torch.tensor([[0.0, 1.0, -1.0, 0.5]])
+    plain = losses.reinforce_loss(logp, adv, mask)
+    weighted = losses.reinforce_loss(logp, adv, mask, token_weights=w)
+    assert torch.allclose(weighted.loss_sum, (-adv * logp * w * mask).sum())
+    assert not torch.allclose(weighted.loss_sum, plain.loss_sum)
+    ppo_w = losses.ppo_policy_loss(logp, logp_old, adv, mask, token_weights=w)
+    ratio = torch.exp(logp - logp_old)
+    per = -torch.minimum(ratio * adv, ratio.clamp(0.8, 1.2) * adv)
+    assert torch.allclose(ppo_w.loss_sum, (per * w * mask).sum())
