@@ -194,19 +194,24 @@ def build_eval_policy_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--allow-tokenizer-change", action="store_true",
                    help="evaluate with a tokenizer other than the checkpoint's")
     add_parallel_args(p)
+    from megatron_qrm.rl.cli import add_rollout_engine_args
+
+    add_rollout_engine_args(p, training=False)
     p.set_defaults(func=run_eval_policy)
     return p
 
 
 def run_eval_policy(args) -> int:
     from megatron_qrm.evaluation.policy_eval import PolicyEvalConfig, evaluate_policy
+    from megatron_qrm.rl.cli import engine_config_from_args
 
     evaluate_policy(PolicyEvalConfig(
         load=args.load, data=args.data, task=args.task, tokenizer=args.tokenizer, seq_length=args.seq_length,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, samples=args.samples,
         temperature=args.temperature, top_p=args.top_p, max_prompts=args.max_prompts, output=args.output,
         seed=args.seed, chat_template=args.chat_template, parallel=parallel_config_from_args(args),
-        bf16=use_bf16(args), allow_tokenizer_change=args.allow_tokenizer_change))
+        bf16=use_bf16(args), allow_tokenizer_change=args.allow_tokenizer_change,
+        rollout_engine=args.rollout_engine, vllm=engine_config_from_args(args)))
     return 0
 
 

@@ -190,9 +190,8 @@ def _read_megatron(plan: ExportPlan, key: str, layer: Optional[int]) -> torch.Te
     t = plan.reader.read(key, layer)
     base = key[: -len(".weight")] if key.endswith(".weight") else None
     if base and plan.lora_scale is not None and f"{base}.lora.lora_a" in plan.reader:
-        a = plan.reader.read(f"{base}.lora.lora_a", layer).float()
-        b = plan.reader.read(f"{base}.lora.lora_b", layer).float()
-        t = (t.float() + plan.lora_scale * (b @ a)).to(t.dtype)
+        t = ops.merge_lora(t, plan.reader.read(f"{base}.lora.lora_a", layer),
+                           plan.reader.read(f"{base}.lora.lora_b", layer), plan.lora_scale)
     return t
 
 

@@ -204,6 +204,12 @@ class ZeroBias:
         yield 0, torch.zeros(1)
 
 
+def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``W + scale * B A`` computed in fp32, returned in W's dtype: weight [out, in], lora_a [r, in],
+    lora_b [out, r] (the exporter and the in-memory refit both merge with this one function)."""
+    return (weight.float() + scale * (lora_b.float() @ lora_a.float())).to(weight.dtype)
+
+
 OPS = {"qkv": QKV(), "gate_up": GateUp(), "vocab": Vocab(), "head": Head(), "zero_bias": ZeroBias()}
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
@@ -43,9 +44,10 @@ def _gather_rows(rows: list[dict]) -> list[dict]:
 
 
 def generate_responses(model, tokenizer, dataset: PromptDataset, indices: list[int], sampling: SamplingConfig,
-                       seq_length: int, batch_size: int, seed: int) -> list[str]:
+                       seq_length: int, batch_size: int, seed: int, engine=None) -> list[str]:
     """Decoded responses (EOS dropped) for ``indices``, generated ``batch_size`` at a time; logs progress
-    (prompts done, new tokens per second) after each batch: a long evaluation is not silent."""
+    (prompts done, new tokens per second) after each batch: a long evaluation is not silent. ``engine``: a
+    rollout engine (rl/rollout_engine.py, e.g. vLLM) sampling instead of the project's decoder on ``model``."""
     out: list[str] = []
     start, new_tokens = time.perf_counter(), 0
     log.info("generating %d responses%s, %d per batch, up to %d new tokens each", len(indices),
@@ -53,8 +55,12 @@ def generate_responses(model, tokenizer, dataset: PromptDataset, indices: list[i
              batch_size, sampling.max_new_tokens)
     for c in range(0, len(indices), batch_size):
         chunk = indices[c:c + batch_size]
-        r = generate(model, [dataset.prompt_ids(i) for i in chunk], sampling, eos_id=tokenizer.eos_id,
-                     pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size, max_length=seq_length, seed=seed + c)
+        prompts = [dataset.prompt_ids(i) for i in chunk]
+        if engine is not None:
+            r = engine.generate(prompts, sampling, seed=seed + c, max_length=seq_length)
+        else:
+            r = generate(model, prompts, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                         vocab_size=tokenizer.vocab_size, max_length=seq_length, seed=seed + c)
         for j in range(len(chunk)):
             ids = [t for t in r.response_ids(j) if t != tokenizer.eos_id]
             out.append(tokenizer.decode(ids))
@@ -68,14 +74,14 @@ def generate_responses(model, tokenizer, dataset: PromptDataset, indices: list[i
 
 def evaluate_pass_at_1(model, tokenizer, data: str, task: str, *, seq_length: int, chat_template: bool,
                        max_new_tokens: int, batch_size: int, max_prompts: Optional[int] = None,
-                       dump: Optional[str] = None) -> dict[str, float]:
+                       dump: Optional[str] = None, engine=None) -> dict[str, float]:
     """Greedy Pass@1 of every checker of ``task`` on ``data`` (instruction + label jsonl)."""
     judges = task_judges(task)
     ds = PromptDataset(PromptDataConfig(path=data, chat_template=chat_template, seq_length=seq_length,
                                         skip_long_prompts=True, max_prompts=max_prompts), tokenizer)
     mine = _dp_slice(len(ds))
     texts = generate_responses(model, tokenizer, ds, mine, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
-                               seq_length, batch_size, seed=0)
+                               seq_length, batch_size, seed=0, engine=engine)
     rows = []
     for i, text in zip(mine, texts):
         row = {"index": i, "instruction": ds.instructions[i], "label": ds.labels[i], "response": text}
@@ -127,6 +133,8 @@ class PolicyEvalConfig:
     parallel: "object" = None
     bf16: bool = False
     allow_tokenizer_change: bool = False
+    rollout_engine: str = "megatron"  # megatron | vllm (rl/rollout_engine.py)
+    vllm: Optional[object] = None  # rl/vllm_engine.VLLMEngineConfig
 
 
 def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
@@ -154,9 +162,16 @@ def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
     seq_length = cfg.seq_length or saved.get("seq_length", 1024)
     chat = resolve_chat_template(cfg.chat_template, tokenizer, saved)
     greedy_dump = cfg.output
+    engine = None
+    if cfg.rollout_engine != "megatron":
+        from megatron_qrm.rl.rollout_engine import build_rollout_engine
+
+        engine = build_rollout_engine(cfg.rollout_engine, model, model_cfg, eos_id=tokenizer.eos_id,
+                                      pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size, max_length=seq_length,
+                                      dtype=torch.bfloat16 if cfg.bf16 else torch.float32, engine_cfg=cfg.vllm)
     result = evaluate_pass_at_1(model, tokenizer, cfg.data, cfg.task, seq_length=seq_length, chat_template=chat,
                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                max_prompts=cfg.max_prompts, dump=greedy_dump)
+                                max_prompts=cfg.max_prompts, dump=greedy_dump, engine=engine)
     if cfg.samples > 0:
         judges = task_judges(cfg.task)
         ds = PromptDataset(PromptDataConfig(path=cfg.data, chat_template=chat, seq_length=seq_length,
@@ -165,7 +180,7 @@ def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
         idx = [i for i in mine for _ in range(cfg.samples)]
         texts = generate_responses(model, tokenizer, ds, idx, SamplingConfig(
             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens), seq_length,
-            cfg.batch_size, seed=cfg.seed)
+            cfg.batch_size, seed=cfg.seed, engine=engine)
         rows = [{"index": i, "sample": s % cfg.samples, **{n: j(t, ds.labels[i] or "")[0] for n, j in judges.items()}}
                 for s, (i, t) in enumerate(zip(idx, texts))]
         rows = _gather_rows(rows)

@@ -27,6 +27,38 @@ GROUPS = {
 }
 
 
+ENGINES = ("megatron", "vllm")  # = megatron_qrm.rl.rollout_engine.ENGINES (not imported: the parser stays light)
+
+
+def add_rollout_engine_args(parser, *, training: bool = True) -> None:
+    """``--rollout-engine`` and the vLLM settings (train-ppo / train-reinforce / eval-policy)."""
+    g = parser.add_argument_group("rollout engine")
+    g.add_argument("--rollout-engine", choices=ENGINES, default="megatron",
+                   help="sampling engine: the project's KV-cache decoder on the policy, or an in-process vLLM engine "
+                        "refitted from the policy after every update (tools/install_vllm.sh; docs/vllm.md)")
+    g.add_argument("--vllm-kv-cache-gib", type=float, default=1.0,
+                   help="vLLM KV-cache size on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.4,
+                   help="GPU: fraction of the device the colocated vLLM engine may take")
+    g.add_argument("--vllm-prefix-caching", action="store_true", help="vLLM prefix caching (reset at every refit)")
+    g.add_argument("--vllm-sleep-level", type=int, choices=(0, 1, 2), default=0,
+                   help="GPU colocated: put vLLM to sleep during training (1: weights offloaded, 2: discarded); "
+                        "untested (no GPU in CI)")
+    if training:
+        g.add_argument("--rollout-is-correction", action="store_true",
+                       help="multiply each token's policy loss by min(exp(logp_old - behaviour_logp), cap): "
+                            "truncated importance sampling for the engine/trainer mismatch (docs/vllm.md)")
+        g.add_argument("--rollout-is-cap", type=float, default=2.0, help="cap of --rollout-is-correction")
+
+
+def engine_config_from_args(args):
+    """The vLLM engine settings of the flags above (rl/vllm_engine.VLLMEngineConfig)."""
+    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig
+
+    return VLLMEngineConfig(kv_cache_gib=args.vllm_kv_cache_gib, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                            enable_prefix_caching=args.vllm_prefix_caching, sleep_level=args.vllm_sleep_level)
+
+
 def add_rl_parser(sub, name: str) -> argparse.ArgumentParser:
     """The parser of ``name`` (a key of :data:`COMMANDS`) with every flag of its config."""
     from megatron_qrm.arguments import add_parallel_args
@@ -50,6 +82,7 @@ def add_rl_parser(sub, name: str) -> argparse.ArgumentParser:
         groups["training"].add_argument("--critic-lr", type=float, default=CRITIC_LR, help="the critic's learning rate")
     add_options(groups["prompts"], PromptDataConfig, required=("path",), defaults={"chat_template": None})
     add_options(groups["rollout"], SamplingConfig)
+    add_rollout_engine_args(p)
     add_options(groups["training"], OptimConfig, only=("lr", "clip_grad", "weight_decay"),
                 defaults={"lr": ACTOR_LR[algo], "clip_grad": RL_CLIP_GRAD})
     p.set_defaults(func=lambda args: run_rl(args, algo))
@@ -71,7 +104,11 @@ def rl_config_from_args(args, algo: str):
     given = dict(algo=algo, prompts=options_from_args(PromptDataConfig, args),
                  sampling=options_from_args(SamplingConfig, args), parallel=parallel_config_from_args(args),
                  actor_optim=actor_optim, critic_optim=critic_optim,
-                 critic_lora=LoRAConfig(rank=getattr(args, "critic_lora_rank", 0)), bf16=bf16)
+                 critic_lora=LoRAConfig(rank=getattr(args, "critic_lora_rank", 0)), bf16=bf16,
+                 rollout_engine=args.rollout_engine, vllm=engine_config_from_args(args),
+                 rollout_is_correction=args.rollout_is_correction, rollout_is_cap=args.rollout_is_cap)
+    if given["rollout_is_correction"] and not given["rollout_is_cap"] > 0:
+        raise ValueError(f"--rollout-is-cap {given['rollout_is_cap']}: must be positive")
     if algo != "ppo":
         given["kl_coef"] = 0.0  # REINFORCE (as the paper's): no reference model, no critic
     return options_from_args(RLConfig, args, **given)

@@ -155,3 +155,14 @@ class RLConfig:
     allow_tokenizer_change: bool = option(False, help="accept a tokenizer other than the checkpoint's "
                                                       "(recorded in the new checkpoints)")
     """Accept a tokenizer other than the actor checkpoint's."""
+    rollout_engine: str = option("megatron", cli=False, help="--rollout-engine (rl/cli.py)")
+    """Sampling engine (:mod:`megatron_qrm.rl.rollout_engine`): ``megatron`` (the project's KV-cache decoder
+    on the actor) or ``vllm`` (an in-process vLLM engine refitted from the actor after every update)."""
+    vllm: Optional[object] = option(None, cli=False, help="the --vllm-* flags (rl/cli.py)")
+    """vLLM engine settings (:class:`megatron_qrm.rl.vllm_engine.VLLMEngineConfig`; None: its defaults)."""
+    rollout_is_correction: bool = option(False, cli=False, help="--rollout-is-correction (rl/cli.py)")
+    """Multiply each token's policy loss by ``min(exp(logp_old - behaviour_logp), cap)``
+    (:func:`megatron_qrm.rl.losses.truncated_is_weights`): corrects for the rollout engine's distribution
+    differing from the trainer's. Off: the update treats the engine's samples as the trainer's own."""
+    rollout_is_cap: float = option(2.0, cli=False, help="--rollout-is-cap (rl/cli.py)")
+    """Cap of the truncated importance weights."""

@@ -117,6 +117,7 @@ def ppo_policy_loss(
     action_mask: torch.Tensor,
     clip_eps: float = 0.2,
     clip_eps_high: Optional[float] = None,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """PPO clipped surrogate ``-mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t)`` (section 3.6).
 
@@ -130,6 +131,8 @@ def ppo_policy_loss(
         action_mask: ``[N, T]`` 0/1.
         clip_eps: lower clip range (and upper, unless ``clip_eps_high`` is given).
         clip_eps_high: optional asymmetric upper clip range ("clip-higher"); ``None`` = ``clip_eps``.
+        token_weights: optional ``[N, T]`` detached per-token weights multiplying the surrogate (the
+            rollout-engine importance weights of :func:`truncated_is_weights`).
 
     Returns:
         :class:`LossOutput`; ``stats``:
@@ -151,6 +154,8 @@ def ppo_policy_loss(
     surr = ratio * adv
     surr_clipped = ratio.clamp(1.0 - clip_eps, 1.0 + high) * adv
     per_token = -torch.minimum(surr, surr_clipped)
+    if token_weights is not None:
+        per_token = per_token * _masked(token_weights, m).detach()
     with torch.no_grad():
         lr = log_ratio.detach()
         r = ratio.detach()
@@ -260,6 +265,7 @@ def reinforce_loss(
     logp: torch.Tensor,
     returns: torch.Tensor,
     action_mask: torch.Tensor,
+    token_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """Vanilla REINFORCE (section 4): ``-mean_t G_t * log pi(a_t|s_t)`` over action tokens.
 
@@ -270,6 +276,7 @@ def reinforce_loss(
         logp: ``[N, T]`` current-policy log-probs of the sampled actions (requires grad).
         returns: ``[N, T]`` per-token returns (detached).
         action_mask: ``[N, T]`` 0/1.
+        token_weights: optional ``[N, T]`` detached per-token weights (:func:`truncated_is_weights`).
 
     Returns:
         :class:`LossOutput`; ``stats``: ``return_mean``, ``logp_mean``.
@@ -280,4 +287,31 @@ def reinforce_loss(
     g = _masked(returns, m).detach()
     lp = _masked(logp, m)
     per_token = -g * lp
+    if token_weights is not None:
+        per_token = per_token * _masked(token_weights, m).detach()
     return _token_mean(per_token, m, {"return_mean": _mean_stat(g, m), "logp_mean": _mean_stat(lp, m)})
+
+
+# --------------------------------------------------------------------------------------------------
+# rollout-engine mismatch
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def truncated_is_weights(logp_old: torch.Tensor, behaviour_logp: torch.Tensor, action_mask: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights for sampling with another engine than the trainer's
+    (``--rollout-is-correction``, as verl's / slime's TIS):
+
+        w_t = min(exp(logp_old_t - behaviour_logp_t), cap)     on action tokens, 0 elsewhere
+
+    ``logp_old`` is the trainer's (Megatron) recomputed log-prob of the sampled token, ``behaviour_logp``
+    the rollout engine's (vLLM) at sampling time; the policy loss of each token is multiplied by ``w_t``
+    (detached), correcting the expectation for tokens drawn from the engine's slightly different
+    distribution; the cap bounds the variance. Shapes ``[N, T]``.
+    """
+    if not cap > 0:
+        raise ValueError(f"--rollout-is-cap {cap}: must be positive")
+    m = action_mask.bool()
+    d = _masked(logp_old, m) - _masked(behaviour_logp, m)
+    return torch.where(m, torch.exp(d).clamp(max=cap), torch.zeros((), dtype=d.dtype, device=d.device))

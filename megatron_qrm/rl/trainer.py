@@ -53,7 +53,7 @@ from megatron_qrm.rl.experience import (
 )
 from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
 from megatron_qrm.rl.roles import build_roles, offload
-from megatron_qrm.rl.rollout import Rollout, generate
+from megatron_qrm.rl.rollout import Rollout
 from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
 from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
 from megatron_qrm.training.engine import NonFiniteGuard
@@ -179,6 +179,33 @@ class RLTrainer:
                                           scheduler=r.critic_scheduler, load_rng=False)
 
     # ---- 1. rollouts
+    def _rollout_engine(self):
+        """The sampling engine (rl/rollout_engine.py), built on first use and refitted to the actor's current
+        weights (version = the iteration they come from; train() refits after every update)."""
+        if getattr(self, "_engine", None) is None:
+            from megatron_qrm.rl.rollout_engine import build_rollout_engine
+
+            self._engine = build_rollout_engine(
+                self.cfg.rollout_engine, self.roles.actor, self.model_cfg, eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.pad_id, vocab_size=self.tokenizer.vocab_size,
+                max_length=self.cfg.prompts.seq_length, dtype=torch.bfloat16 if self.cfg.bf16 else torch.float32,
+                engine_cfg=self.cfg.vllm, version=self.state.iteration)
+        return self._engine
+
+    def _engine_mismatch(self, exp: dict) -> dict[str, float]:
+        """Mean and max |behaviour log-prob (rollout engine) - recomputed logp_old (trainer)| over response
+        tokens, all data-parallel ranks (last stage computes; broadcast with the other stats)."""
+        if exp.get("logp_old") is None:
+            return {}
+        m = exp["action_mask"] > 0
+        d = (exp["behaviour_logp"] - exp["logp_old"]).abs()[m].double()
+        t = torch.tensor([float(d.sum()), float(m.sum())], dtype=torch.float64)
+        mx = torch.tensor([float(d.max()) if d.numel() else 0.0], dtype=torch.float64)
+        if self.dp_size > 1:
+            parallel.all_reduce_host(t, group=ps.get_data_parallel_group())
+            parallel.all_reduce_host(mx, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+        return {"rollout_logp_diff_mean": float(t[0] / t[1].clamp(min=1)), "rollout_logp_diff_max": float(mx[0])}
+
     def rollout(self) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         (indices,) = self.sampler.microbatches(self.state.consumed_samples)
@@ -188,10 +215,9 @@ class RLTrainer:
         for c in range(0, len(prompts), cfg.generation_batch_size):
             seed = (cfg.parallel.seed * 1_000_003 + self.state.iteration * 10_007 + self.dp_rank * 101 + c) % (2**31)
             try:
-                parts.append(generate(self.roles.actor.module, prompts[c:c + cfg.generation_batch_size], cfg.sampling,
-                                      eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-                                      vocab_size=self.tokenizer.vocab_size, max_length=cfg.prompts.seq_length,
-                                      seed=seed))
+                parts.append(self._rollout_engine().generate(prompts[c:c + cfg.generation_batch_size], cfg.sampling,
+                                                             seed=seed, max_length=cfg.prompts.seq_length,
+                                                             expected_version=self.state.iteration))
             except RuntimeError as e:  # torch.multinomial on NaN/Inf probabilities
                 if "probability tensor" not in str(e):
                     raise
@@ -340,10 +366,13 @@ class RLTrainer:
         cfg = self.cfg
         logp = token_logprobs(output, batch["tokens"], self.tokenizer.vocab_size)
         mask = batch["action_mask"]
+        w = (rl_losses.truncated_is_weights(batch["logp_old"], batch["behaviour_logp"], mask, cfg.rollout_is_cap)
+             if cfg.rollout_is_correction else None)  # --rollout-is-correction (rl/losses.py)
         if cfg.algo == "ppo":
-            out = rl_losses.ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], mask, clip_eps=cfg.clip_eps)
+            out = rl_losses.ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], mask, clip_eps=cfg.clip_eps,
+                                            token_weights=w)
         else:
-            out = rl_losses.reinforce_loss(logp, batch["returns"], mask)
+            out = rl_losses.reinforce_loss(logp, batch["returns"], mask, token_weights=w)
         count = out.num_tokens.detach()
         # token means of this micro-batch -> sums, so the global batch can be averaged exactly
         metrics = {"policy_loss_sum": out.loss_sum.detach(), "tokens": count,
@@ -375,13 +404,16 @@ class RLTrainer:
             t0 = time.time()
             exp = self.rollout()
             times["generate_s"] = time.time() - t0
+            self._rollout_engine().sleep()  # GPU colocated vLLM: free its memory for training (--vllm-sleep-level)
             t1 = time.time()
             exp = self.score(exp)
             stats = self.advantages(exp)
+            stats.update(self._engine_mismatch(exp))
             self._check_finite(exp)
             times["score_s"] = time.time() - t1
             t2 = time.time()
-            keys = ("tokens", "position_ids", "action_mask", "logp_old", "advantages", "returns", "values")
+            keys = ("tokens", "position_ids", "action_mask", "logp_old", "advantages", "returns", "values",
+                    "behaviour_logp")
             for k in ("logp_old", "advantages", "returns", "values"):  # first stages carry placeholders (unused there)
                 if exp.get(k) is None:
                     exp[k] = torch.zeros_like(exp["action_mask"])
@@ -395,6 +427,9 @@ class RLTrainer:
             times["update_s"] = time.time() - t2
             self.state.iteration += 1
             self.state.consumed_samples += cfg.rollout_batch_size
+            t3 = time.time()
+            self._rollout_engine().refit(r.actor, self.state.iteration)  # the next rollout samples these weights
+            times["refit_s"] = time.time() - t3
             stats = self._broadcast_stats(stats)
             tok = max(a["tokens"], 1.0)
             gen_tokens = float(exp["action_mask"].sum()) * self.dp_size
@@ -434,7 +469,8 @@ class RLTrainer:
                                  "model and lower --lr")
 
     def _broadcast_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        names = ("token_reward_mean", "sequence_score_mean", "kl_mean", "advantage_mean", "response_length")
+        names = ("token_reward_mean", "sequence_score_mean", "kl_mean", "advantage_mean", "response_length",
+                 "rollout_logp_diff_mean", "rollout_logp_diff_max")
         t = torch.tensor([stats.get(k, 0.0) for k in names], dtype=torch.float64)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             parallel.broadcast_host(t, src=ps.get_pipeline_model_parallel_last_rank(),

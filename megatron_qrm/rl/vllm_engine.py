@@ -1,0 +1,260 @@
+"""Rollouts on vLLM, refitted in place from the live Megatron policy (``--rollout-engine vllm``).
+
+Colocated and in-process: the engine runs inside the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
+vLLM's uniprocess executor), on the rank that is the first of its model-parallel group -- the rank where
+:func:`megatron_qrm.conversion.streaming.iter_hf_weights` lands the gathered weights. Start-up needs no
+weights on disk: vLLM builds the model from the exporter's ``config.json`` (written to a temporary
+directory) with ``load_format="dummy"``, and the first :meth:`VLLMEngine.refit` loads the policy.
+
+* sampling: token ids in, token ids out (``skip_tokenizer_init``: the trainer already tokenised the
+  prompts); temperature / top-p / top-k / stop ids / max new tokens / ``n`` map onto vLLM's
+  ``SamplingParams``; behaviour log-probs are vLLM's ``raw_logprobs`` of the sampled token, i.e. of the
+  untempered model distribution, as :func:`megatron_qrm.rl.rollout.generate` records them;
+* refit: ``collective_rpc`` runs ``model_runner.reload_weights(weights_iterator=...)`` on the (in-process)
+  worker with the streamed ``(hf_name, tensor)`` pairs (the model's own ``load_weights`` cannot be called
+  directly on CPU: vLLM repacks the weights after loading, which ``reload_weights`` redoes), then
+  ``reset_prefix_cache()`` -- without it a prefix-cached prompt keeps the old weights' KV;
+* a weight version: :meth:`refit` records the trainer's version, :meth:`generate` refuses to sample when
+  the caller expects another one (a skipped refit fails loudly instead of training on stale samples);
+* GPU only, written but NOT run here (no GPU in this project's CI): ``sleep`` / ``wake_up`` around
+  training (:meth:`sleep`, :meth:`wake_for_refit`, :meth:`wake_kv_cache`; on CPU vLLM ignores them) and
+  the separate-GPU NCCL transport (:class:`NCCLWeightSender` / :class:`NCCLWeightReceiver`).
+
+vLLM is imported lazily: the project imports and runs without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from megatron_qrm.config import ModelConfig
+from megatron_qrm.rl.rollout import Rollout, SamplingConfig, _suspend_cpu_emulation
+
+
+class StaleWeightsError(RuntimeError):
+    """The engine holds another weight version than the caller trains (a refit was skipped)."""
+
+
+@dataclass
+class VLLMEngineConfig:
+    kv_cache_gib: float = 1.0
+    """KV-cache size on CPU (``VLLM_CPU_KVCACHE_SPACE``; unset, vLLM takes 90 % of the RAM)."""
+    gpu_memory_utilization: float = 0.4
+    """GPU: fraction of the device vLLM may take (colocated: leave the trainer its share)."""
+    enforce_eager: bool = True
+    """No graph capture / torch.compile (CPU start-up in seconds rather than minutes)."""
+    dtype: str = "auto"
+    """``auto``: the policy's parameter dtype (fp32 on CPU, bf16 with --bf16)."""
+    enable_prefix_caching: bool = False
+    """Reuse prompt KV across requests (samples of one prompt); a refit resets the cache."""
+    max_num_seqs: int = 256
+    """Sequences per engine step (continuous batching)."""
+    block_size: Optional[int] = None
+    """KV-cache block size in tokens (None: vLLM's default)."""
+    tensor_parallel_size: int = 1
+    """Engine TP (GPU). The in-process CPU engine runs TP=1."""
+    sleep_level: int = 0
+    """GPU colocated: 0 keeps the engine awake, 1 offloads weights to CPU and drops the KV cache while the
+    trainer runs, 2 drops both (the refit reloads the weights anyway)."""
+    seed: int = 0
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 (ImportError, or a broken install: either way, not usable)
+        return False
+    return True
+
+
+def _set_cpu_env(cfg: VLLMEngineConfig) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: refit passes tensors directly
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
+
+
+def _reload(worker, weights):
+    """Runs on the vLLM worker (``collective_rpc``): load ``(hf_name, tensor)`` pairs in place."""
+    worker.model_runner.reload_weights(weights_iterator=weights)
+    return True
+
+
+def _first_param(worker, name):
+    """Runs on the worker: a copy of one engine parameter (tests compare it with the trainer's)."""
+    return dict(worker.model_runner.get_model().named_parameters())[name].detach().float().cpu().clone()
+
+
+class VLLMEngine:
+    """An in-process vLLM ``LLM`` for one policy. Build it on the rank that owns the engine (the first of
+    the model-parallel group), then :meth:`refit` from the policy before the first :meth:`generate`."""
+
+    def __init__(self, model_cfg: ModelConfig, *, max_model_len: int, eos_id: int, pad_id: int,
+                 dtype: torch.dtype = torch.float32, cfg: Optional[VLLMEngineConfig] = None):
+        cfg = cfg or VLLMEngineConfig()
+        _set_cpu_env(cfg)
+        from vllm import LLM
+
+        from megatron_qrm.conversion.hf_config import DTYPE_JSON
+        from megatron_qrm.conversion.streaming import hf_config_for
+
+        self.cfg, self.model_cfg = cfg, model_cfg
+        self.eos_id, self.pad_id, self.max_model_len = eos_id, pad_id, max_model_len
+        self.weight_version: Optional[int] = None
+        self._dir = tempfile.mkdtemp(prefix="qrm_vllm_")
+        hf_cfg = hf_config_for(model_cfg, dtype)
+        hf_cfg.update(eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=hf_cfg.get("bos_token_id"))
+        with open(os.path.join(self._dir, "config.json"), "w") as f:
+            json.dump(hf_cfg, f)
+        kwargs = dict(model=self._dir, skip_tokenizer_init=True, load_format="dummy",
+                      dtype=DTYPE_JSON[dtype] if cfg.dtype == "auto" else cfg.dtype,
+                      enforce_eager=cfg.enforce_eager, max_model_len=max_model_len, seed=cfg.seed,
+                      enable_prefix_caching=cfg.enable_prefix_caching, max_num_seqs=cfg.max_num_seqs,
+                      tensor_parallel_size=cfg.tensor_parallel_size, logprobs_mode="raw_logprobs")
+        if cfg.block_size:
+            kwargs["block_size"] = cfg.block_size
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep_level > 0)
+        with _suspend_cpu_emulation():  # vLLM's CPU kernels need no CUDA emulation (megatron_qrm.cpu)
+            self.llm = LLM(**kwargs)
+
+    # ---- weights
+    def refit(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load ``(hf_name, tensor)`` pairs (a stream from :func:`iter_hf_weights`) in place, drop the
+        prefix cache built from the old weights and record ``version``."""
+        self.weight_version = None  # a failure half-way leaves no valid version
+        with _suspend_cpu_emulation():
+            self.llm.collective_rpc(_reload, args=(weights,))
+        self.llm.reset_prefix_cache()
+        self.weight_version = int(version)
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """One engine parameter by vLLM's name (e.g. ``model.layers.0.self_attn.qkv_proj.weight``)."""
+        return self.llm.collective_rpc(_first_param, args=(name,))[0]
+
+    def check_version(self, expected: Optional[int]) -> None:
+        if expected is not None and self.weight_version != expected:
+            raise StaleWeightsError(f"vLLM engine holds weight version {self.weight_version}, the trainer expects "
+                                    f"{expected}: the refit after the last update did not happen")
+
+    # ---- GPU sleep / wake (colocated). Untested here: vLLM's CPU platform ignores them.
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for training (level 1: weights to CPU, KV cache dropped; 2: both
+        dropped). No-op on CPU or with ``sleep_level`` 0."""
+        if self.cfg.sleep_level and torch.cuda.is_available():
+            self.llm.sleep(level=self.cfg.sleep_level)
+
+    def wake_for_refit(self) -> None:
+        """Before :meth:`refit`: re-allocate the weights only (the KV cache stays free during the copy)."""
+        if self.cfg.sleep_level and torch.cuda.is_available():
+            self.llm.wake_up(tags=["weights"])
+
+    def wake_kv_cache(self) -> None:
+        if self.cfg.sleep_level and torch.cuda.is_available():
+            self.llm.wake_up(tags=["kv_cache"])
+
+    # ---- sampling
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *, seed: int, n: int = 1,
+                 max_length: Optional[int] = None, expected_version: Optional[int] = None) -> Rollout:
+        """``n`` samples of each prompt (prompt-major rows), as :func:`megatron_qrm.rl.rollout.generate`
+        returns them: tokens [B*n, L] right-padded, behaviour log-probs at the sampled positions."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.check_version(expected_version)
+        if self.weight_version is None:
+            raise StaleWeightsError("vLLM engine has no weights yet: refit it from the policy first")
+        max_length = int(max_length or self.max_model_len)
+        lens = [len(p) for p in prompts]
+        too_long = [i for i, n_ in enumerate(lens) if n_ >= max_length]
+        if too_long:
+            raise ValueError(f"{len(too_long)} prompt(s) (e.g. #{too_long[0]}, {lens[too_long[0]]} tokens) leave no "
+                             f"room to generate within --seq-length {max_length}")
+        stops = sorted({self.eos_id, *sampling.stop_token_ids})
+        params = [SamplingParams(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k if sampling.top_k > 0 else -1,
+                                 max_tokens=min(sampling.max_new_tokens, max_length - ln), stop_token_ids=stops,
+                                 ignore_eos=True,  # EOS is in stop_token_ids (the config's EOS is not trusted)
+                                 logprobs=0, detokenize=False, seed=(seed * 1_000_003 + i) % (2**31))
+                  for i, ln in enumerate(lens)]
+        with _suspend_cpu_emulation():
+            outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
+                                     use_tqdm=False)
+        rows = [(i, c) for i, o in enumerate(outs) for c in sorted(o.outputs, key=lambda c: c.index)]
+        total = min(max_length, max(lens) + sampling.max_new_tokens)
+        b = len(rows)
+        tokens = torch.full((b, total), self.pad_id, dtype=torch.long)
+        logprobs = torch.zeros(b, total, dtype=torch.float32)
+        action = torch.zeros(b, total, dtype=torch.float32)
+        prompt_lens = torch.tensor([lens[i] for i, _ in rows], dtype=torch.long)
+        response_lens = torch.zeros(b, dtype=torch.long)
+        finished = torch.zeros(b, dtype=torch.bool)
+        stop_set = set(stops)
+        for r, (i, c) in enumerate(rows):  # per row: vLLM hands results back as Python lists
+            p, ids = lens[i], list(c.token_ids)
+            tokens[r, :p] = torch.as_tensor(prompts[i])
+            tokens[r, p:p + len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            logprobs[r, p:p + len(ids)] = torch.tensor([lp[t].logprob for lp, t in zip(c.logprobs, ids)])
+            action[r, p:p + len(ids)] = 1.0
+            response_lens[r] = len(ids)
+            finished[r] = bool(ids) and ids[-1] in stop_set
+        return Rollout(tokens, prompt_lens, response_lens, logprobs, action, finished)
+
+    def close(self) -> None:
+        try:
+            del self.llm
+        finally:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Separate GPUs: trainer rank 0 broadcasts each HF tensor to the engine's workers over NCCL.
+# Written against vLLM's StatelessProcessGroup + PyNcclCommunicator (the pattern of vLLM's RLHF example);
+# NOT run in this project (no GPU here). The engine is started with
+# ``worker_extension_cls="megatron_qrm.rl.vllm_engine.NCCLWeightReceiver"``.
+# ---------------------------------------------------------------------------------------------------------
+class NCCLWeightReceiver:
+    """vLLM worker extension: joins a weight-update group with the trainer and receives tensors into the
+    model with ``reload_weights``. Methods are called through ``llm.collective_rpc("method", ...)``."""
+
+    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        rank = self.rank + rank_offset  # noqa: (self: the vLLM worker this class extends)
+        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
+        self._qrm_comm = PyNcclCommunicator(group, device=self.device)
+
+    def receive_weights(self, specs: list[tuple[str, str, list[int]]]):
+        """``specs``: (hf name, dtype name, shape) in the order the trainer broadcasts them (rank 0 = source)."""
+        def stream():
+            for name, dtype, shape in specs:
+                t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                self._qrm_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
+                torch.cuda.current_stream().synchronize()
+                yield name, t
+        self.model_runner.reload_weights(weights_iterator=stream())
+        return True
+
+
+class NCCLWeightSender:
+    """Trainer side of :class:`NCCLWeightReceiver` (trainer rank 0 = rank 0 of the update group)."""
+
+    def __init__(self, master_address: str, master_port: int, world_size: int):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0, world_size=world_size)
+        self.comm = PyNcclCommunicator(group, device=torch.cuda.current_device())
+
+    def send(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Broadcast tensors in the order of the specs the receiver was given (the same stream)."""
+        for _, t in weights:
+            self.comm.broadcast(t.contiguous().cuda(), src=0, stream=torch.cuda.current_stream())
+        torch.cuda.current_stream().synchronize()
