@@ -38,7 +38,7 @@ from launch import REPO, _env  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "rl_worker.py")
 TIMING_KEYS = ("time", "train/generate_s", "train/score_s", "train/update_s", "train/iteration_s",
-               "train/generate_tokens_per_s")
+               "train/generate_tokens_per_s", "train/refit_s")
 
 
 def _metrics(save_dir) -> dict[int, dict]:
