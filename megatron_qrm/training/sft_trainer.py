@@ -9,18 +9,16 @@ head, and the per-token cross-entropy of :func:`sft_forward_step`.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
-from megatron_qrm import checkpointing
 from megatron_qrm.data.packing import check_pack_capacity, packed_seq_params, unpack
 from megatron_qrm.data.sft import SFTDataConfig, SFTDataset, example_microbatch
 from megatron_qrm.models.logits import next_token_nll, real_vocab_size
+from megatron_qrm.training.checkpoint_record import checkpoint_record
 from megatron_qrm.training.engine import to_device
 from megatron_qrm.training.run_config import SupervisedRunConfig
 from megatron_qrm.training.runner import RunTokenizer, SupervisedTask, run_supervised
@@ -87,11 +85,9 @@ class SFTTask(SupervisedTask):
         return {"loss": s["loss_sum"] / n, "frac_p_above_half": s["confident"] / n, "response_tokens": s["tokens"]}
 
     def checkpoint_record(self, cfg, model_cfg, tok: RunTokenizer) -> dict:
-        return {"kind": "policy", "role": "policy", "model": model_cfg.to_dict(),
-                "tokenizer": os.path.abspath(tok.path) if os.path.exists(tok.path) else tok.path,
-                "lora": dataclasses.asdict(cfg.lora), "chat_template": cfg.data.chat_template,
-                "seq_length": cfg.data.seq_length,
-                **checkpointing.tokenizer_record(tok.tokenizer, tok.path, tok.saved, tok.change)}
+        return checkpoint_record("policy", "policy", model_cfg, tokenizer=tok.tokenizer, tokenizer_path=tok.path,
+                                 inherited=tok.saved, tokenizer_change=tok.change, lora=cfg.lora,
+                                 chat_template=cfg.data.chat_template, seq_length=cfg.data.seq_length)
 
 
 def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
