@@ -21,16 +21,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
-from megatron_qrm.config import ModelConfig
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset
-from megatron_qrm.data.packing import check_pack_capacity, pair_microbatch, plan_microbatches
+from megatron_qrm.data.packing import check_pack_capacity, plan_microbatches
 from megatron_qrm.data.packing import resolve_shared_prompts
+from megatron_qrm.data.preference import pair_microbatch
 from megatron_qrm.rewards.scoring import (
     METRIC_NAMES,
     RewardLossConfig,
     reference_logps_forward_step,
     train_forward_step,
 )
+from megatron_qrm.training.checkpoint_record import checkpoint_record
 from megatron_qrm.training.engine import run_global_batch
 from megatron_qrm.training.metrics_log import MetricsLogger
 from megatron_qrm.training.run_config import SupervisedRunConfig
@@ -50,26 +51,6 @@ class RewardTrainConfig(SupervisedRunConfig):
     pack_shared_prompts: Optional[bool] = None
 
     sequences_per_sample: ClassVar[int] = 2
-
-
-def _checkpoint_config(cfg: RewardTrainConfig, model_cfg: ModelConfig, tokenizer_path: str,
-                       tokenizer=None, saved: Optional[dict] = None, tokenizer_change: Optional[dict] = None
-                       ) -> dict[str, Any]:
-    return {
-        # what the tokenizer was (checked by every later reader) and every deliberate change of it
-        **checkpointing.tokenizer_record(tokenizer, tokenizer_path, saved, tokenizer_change),
-        "kind": "reward_model",
-        "role": cfg.loss.role,
-        "model": model_cfg.to_dict(),
-        "tokenizer": os.path.abspath(tokenizer_path) if os.path.exists(tokenizer_path) else tokenizer_path,
-        "lora": dataclasses.asdict(cfg.lora),
-        "reward_loss": dataclasses.asdict(cfg.loss),
-        "chat_template": cfg.data.chat_template,
-        "seq_length": cfg.data.seq_length,
-        "data": {k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "path"},
-        # a full fine-tuned DPO-RM's reference policy (eval-rm's default --reference-checkpoint)
-        "pretrained_checkpoint": os.path.abspath(cfg.pretrained_checkpoint) if cfg.pretrained_checkpoint else None,
-    }
 
 
 def _dp_info() -> tuple[int, int]:
@@ -198,7 +179,13 @@ class RewardModelTask(SupervisedTask):
                 "margin": (s["chosen_score_sum"] - s["rejected_score_sum"]) / n, "valid_pairs": s["num_valid"]}
 
     def checkpoint_record(self, cfg, model_cfg, tok: RunTokenizer) -> dict:
-        return _checkpoint_config(cfg, model_cfg, tok.path, tok.tokenizer, tok.saved, tok.change)
+        return checkpoint_record(
+            "reward_model", self.role, model_cfg, tokenizer=tok.tokenizer, tokenizer_path=tok.path,
+            inherited=tok.saved, tokenizer_change=tok.change, lora=cfg.lora, chat_template=cfg.data.chat_template,
+            seq_length=cfg.data.seq_length, reward_loss=cfg.loss,
+            data={k: v for k, v in dataclasses.asdict(cfg.data).items() if k != "path"},
+            # a full fine-tuned DPO-RM's reference policy (eval-rm's default --reference-checkpoint)
+            pretrained_checkpoint=os.path.abspath(cfg.pretrained_checkpoint) if cfg.pretrained_checkpoint else None)
 
 
 def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
