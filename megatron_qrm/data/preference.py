@@ -1,6 +1,6 @@
 """Preference pairs ``(instruction, chosen, rejected)`` -> token ids -> padded training batches.
 
-Sequence layout (Q-RM reference, ``docs/qrm-method.md`` §1.3)::
+Sequence layout (Q-RM reference, ``docs/method.md`` §4)::
 
     [BOS] prompt ... | chosen response ... EOS | pad ...
     [BOS] prompt ... | rejected response ... EOS | pad ...
