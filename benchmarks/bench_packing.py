@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     from megatron_qrm import parallel
     from megatron_qrm.config import ModelConfig, ParallelConfig
     from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, load_tokenizer
-    from megatron_qrm.data.packing import padding_share, pair_microbatch, rank_microbatches
+    from megatron_qrm.data.packing import padding_share, rank_microbatches
+    from megatron_qrm.data.preference import pair_microbatch
     from megatron_qrm.data.sampler import GlobalBatchSampler
     from megatron_qrm.models import PrecisionConfig, build_model
     from megatron_qrm.rewards.scoring import RewardLossConfig, train_forward_step

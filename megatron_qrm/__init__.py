@@ -7,12 +7,13 @@ def _guard_broken_transformer_engine() -> None:
     """A partly installed Transformer Engine raises RuntimeError/OSError on import, and megatron-core
     only catches ImportError, so `import megatron.core` itself would fail. Mark TE absent instead; the
     layer-spec choice then logs the local spec."""
+    import importlib
     import sys
 
     if "transformer_engine" in sys.modules:
         return
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine")  # imported for its errors only
     except ImportError:
         pass
     except Exception:  # noqa: BLE001

@@ -1,7 +1,7 @@
 """Tests for megatron_qrm.evaluation: answer extraction, the reference and strict checkers, Pass@k and the
 `check-answers` command.
 
-Hand-written cases cover every rule of docs/qrm-method.md §5.2; the released pairwise test files (when the
+Hand-written cases cover every rule of the reference checker (docs/method.md §6); the released pairwise test files (when the
 shared data folder is present) check the counts the reference code is documented to give (787/0, 2291/105).
 """
 

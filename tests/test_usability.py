@@ -5,12 +5,10 @@ third-party warning noise. Fast: no model is built except in the warning-noise t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
 import sys
-import types
 
 import pytest
 

@@ -337,7 +337,7 @@ def qrm_config(plan: ImportPlan) -> dict[str, Any]:
 
 def run_import(plan: ImportPlan, *, show_progress: bool = True) -> str:
     """Write the checkpoint planned by :func:`plan_import`; returns the output directory."""
-    model, dims, reader = plan.model, plan.dims, plan.reader
+    model, reader = plan.model, plan.reader
     for w in plan.warnings:
         log.warning(w)
     with staged_output(plan.out) as tmp:

@@ -244,25 +244,6 @@ def pack_pairs_shared_prompt(batch: dict[str, torch.Tensor], pad_id: int,
     return out
 
 
-def pair_microbatch(dataset, indices, pad_id: int, pad_multiple: int, *, pack: bool = False,
-                    share_prompts: bool = False, ref_sums: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """One micro-batch of the pairs ``indices`` of a :class:`~megatron_qrm.data.preference.PreferenceDataset`:
-    the ``[2B, S]`` right-padded pair batch (rows padded to a multiple of ``pad_multiple``), or with ``pack`` one
-    packed stream of its ``2B`` sequences (:func:`pack_collated`), with ``share_prompts`` each pair's prompt
-    once (:func:`pack_pairs_shared_prompt`). ``ref_sums`` ``[N, 2]`` (DPO-RM reference log-prob sums of
-    (chosen, rejected) per pair) become ``ref_logps_sum`` ``[2B]`` in the batch's row order."""
-    from megatron_qrm.data.preference import collate_pairs
-
-    idx = [int(i) for i in indices]
-    batch = collate_pairs([dataset[i] for i in idx], pad_id, 1 if pack else pad_multiple, indices=idx)
-    if ref_sums is not None:
-        sel = ref_sums[torch.as_tensor(idx)]
-        batch["ref_logps_sum"] = torch.cat([sel[:, 0], sel[:, 1]])
-    if not pack:
-        return batch
-    return (pack_pairs_shared_prompt if share_prompts else pack_collated)(batch, pad_id, pad_multiple)
-
-
 def is_packed(batch: dict) -> bool:
     return "cu_seqlens" in batch
 

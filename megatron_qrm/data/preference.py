@@ -1,6 +1,6 @@
 """Preference pairs ``(instruction, chosen, rejected)`` -> token ids -> padded training batches.
 
-Sequence layout (Q-RM reference, ``docs/qrm-method.md`` §1.3)::
+Sequence layout (Q-RM reference, ``docs/method.md`` §4)::
 
     [BOS] prompt ... | chosen response ... EOS | pad ...
     [BOS] prompt ... | rejected response ... EOS | pad ...
@@ -15,11 +15,14 @@ Sequence layout (Q-RM reference, ``docs/qrm-method.md`` §1.3)::
 
 :class:`PreferenceDataset` tokenises everything eagerly, in batches, and stores ids compactly (int32
 arrays, each distinct prompt once: preference sets repeat the same question for many response pairs).
-:func:`collate_pairs` builds the ``[2B, S]`` batch the reward model's forward and loss consume.
+:func:`collate_pairs` builds the ``[2B, S]`` batch the reward model's forward and loss consume;
+:func:`pair_microbatch` lays a micro-batch of pairs out for the model: that batch, or packed
+(:mod:`megatron_qrm.data.packing`, which knows nothing of pairs beyond the layout).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from typing import overload
 import numpy as np
 import torch
 
+from .packing import pack_collated, pack_pairs_shared_prompt, shared_prompt_pair_tokens
 from .sources import DataError, read_records
 from .tokenizer import Tokenizer
 
@@ -138,8 +142,6 @@ class PreferenceDataset:
             self._add_chunk(chunk)
         degenerate = self.stats["skipped_empty_response"] + self.stats["skipped_identical"]
         if degenerate:
-            import logging
-
             logging.getLogger("megatron_qrm").warning(
                 f"{cfg.path}: skipped {self.stats['skipped_empty_response']} pairs with an empty response and "
                 f"{self.stats['skipped_identical']} with chosen == rejected (first at {self._first_skipped}); "
@@ -250,8 +252,6 @@ class PreferenceDataset:
     def pair_tokens(self, shared_prompt: bool = False) -> np.ndarray:
         """``[N]`` tokens a pair costs packed: both sequences, or with ``shared_prompt`` the prompt's first
         ``len - 1`` tokens once (:func:`~megatron_qrm.data.packing.pack_pairs_shared_prompt`)."""
-        from megatron_qrm.data.packing import shared_prompt_pair_tokens
-
         if shared_prompt:
             return shared_prompt_pair_tokens(self.sequence_lengths(), self.prompt_lengths())
         return self.sequence_lengths().sum(axis=1)
@@ -341,3 +341,21 @@ def collate_pairs(
         index = torch.as_tensor(list(indices), dtype=torch.long)
     batch["index"] = index
     return batch
+
+
+def pair_microbatch(dataset, indices, pad_id: int, pad_multiple: int, *, pack: bool = False,
+                    share_prompts: bool = False, ref_sums: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """One micro-batch of the pairs ``indices`` of a :class:`PreferenceDataset`: the ``[2B, S]`` right-padded
+    pair batch of :func:`collate_pairs` (rows padded to a multiple of ``pad_multiple``), or with ``pack`` one
+    packed stream of its ``2B`` sequences (:func:`~megatron_qrm.data.packing.pack_collated`), with
+    ``share_prompts`` each pair's prompt once (:func:`~megatron_qrm.data.packing.pack_pairs_shared_prompt`).
+    ``ref_sums`` ``[N, 2]`` (DPO-RM reference log-prob sums of (chosen, rejected) per pair) become
+    ``ref_logps_sum`` ``[2B]`` in the batch's row order."""
+    idx = [int(i) for i in indices]
+    batch = collate_pairs([dataset[i] for i in idx], pad_id, 1 if pack else pad_multiple, indices=idx)
+    if ref_sums is not None:
+        sel = ref_sums[torch.as_tensor(idx)]
+        batch["ref_logps_sum"] = torch.cat([sel[:, 0], sel[:, 1]])
+    if not pack:
+        return batch
+    return (pack_pairs_shared_prompt if share_prompts else pack_collated)(batch, pad_id, pad_multiple)

@@ -3,6 +3,7 @@
 Rendering, BOS and truncation follow the preference data (:mod:`megatron_qrm.data.preference`): the
 prompt stays whole, the response (EOS appended) is cut from its end to fit ``--seq-length``; a prompt
 that leaves no room is an error naming ``FILE:LINE`` unless ``--skip-long-prompts``.
+:func:`example_microbatch` lays a micro-batch of examples out for the model (padded or packed).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
 
-from .preference import TOKENIZE_CHUNK, _text_field
+from .packing import pack_collated
+from .preference import TOKENIZE_CHUNK, _text_field, collate_sequences
 from .sources import DataError, read_records
 from .tokenizer import Tokenizer
 
@@ -81,3 +84,14 @@ class SFTDataset:
         """``[N]`` int64 token counts of prompt + response of every example (for packing / length grouping)."""
         return np.fromiter((len(p) + len(r) for p, r in zip(self._prompts, self._responses)), dtype=np.int64,
                            count=len(self))
+
+
+def example_microbatch(dataset: SFTDataset, indices, pad_id: int, pad_multiple: int, *,
+                       pack: bool = False) -> dict[str, torch.Tensor]:
+    """One micro-batch of the examples ``indices`` of ``dataset``: the ``[N, S]`` right-padded batch of
+    :func:`~megatron_qrm.data.preference.collate_sequences` (``S`` a multiple of ``pad_multiple``), or with
+    ``pack`` one packed THD stream of its ``N`` sequences (:func:`~megatron_qrm.data.packing.pack_collated`)."""
+    prompts, responses = zip(*(dataset.example(i) for i in indices))
+    if not pack:
+        return collate_sequences(prompts, responses, pad_id, pad_multiple)
+    return pack_collated(collate_sequences(prompts, responses, pad_id, 1), pad_id, pad_multiple)

@@ -1,6 +1,6 @@
 """`qrm make-pairs`: sampled responses + gold labels -> deduplicated preference pairs.
 
-The paper built its GSM8K/MATH preference sets this way (``docs/qrm-method.md`` §0.1): sample many
+The paper built its GSM8K/MATH preference sets this way (``docs/method.md`` §1): sample many
 responses per training question, judge each final answer, pair every correct response (chosen) with
 every incorrect one (rejected) of the same question, filter and deduplicate.
 

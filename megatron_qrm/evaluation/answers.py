@@ -3,7 +3,7 @@
 Two checkers:
 
 ``reference``
-    The rules of the Q-RM reference code, reproduced from their description in ``docs/qrm-method.md`` §5.2
+    The rules of the Q-RM reference code, reproduced from their description (``docs/method.md`` §6)
     (not from its source). GSM8K: the last number of the last line that holds a number, compared as a string
     after deleting commas and a trailing ``.0…0``. MATH: the content of the last ``boxed``, lightly normalised,
     judged correct when it is a *substring* of the lightly normalised label. The substring test is lenient on
@@ -151,7 +151,7 @@ _LEADING_ASSIGNMENT_RE = re.compile(r"^[A-Za-z]=")
 
 
 def normalize_math_prediction(pred: str) -> str:
-    """Reference normalisation of an extracted MATH prediction (§5.2 step 2, in that order)."""
+    """Reference normalisation of an extracted MATH prediction (the reference's steps, in this order)."""
     s = pred.replace(" ", "")
     s = s.replace("\\mathbf", "")
     if s.startswith("\\text"):
@@ -172,7 +172,7 @@ _MBOX_WORD_RE = re.compile(r"\\mbox\{[^{}]*\}")
 
 
 def normalize_math_label(label: str) -> str:
-    """Reference normalisation of a MATH label (§5.2 step 3)."""
+    """Reference normalisation of a MATH label (the reference's steps)."""
     s = re.sub(r"\s+", "", label).replace("\\!", "")
     s = s.replace("dfrac", "frac").replace("tfrac", "frac")
     s = _MBOX_WORD_RE.sub("", s)

@@ -21,12 +21,12 @@ from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, load_toke
 from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.packing import (
     check_pack_capacity,
-    pair_microbatch,
     plan_microbatches,
     resolve_shared_prompts,
     unpack,
     unsupported_reason,
 )
+from megatron_qrm.data.preference import pair_microbatch
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import lora_disabled

@@ -1,6 +1,6 @@
 """Pairwise reward-model losses: Q-RM (mean-score), last-token ORM and DPO-RM.
 
-See ``docs/qrm-method.md`` sections 1.3 and 2.1 for the definitions these functions implement.
+See ``docs/method.md`` §4 (the Q-RM loss and its baselines) for the definitions these functions implement.
 
 Batch convention (shared by every loss here)
 --------------------------------------------
@@ -17,7 +17,7 @@ rows ``0..B-1`` are the chosen responses and rows ``B..2B-1`` the rejected ones 
 
 A pair is *valid* iff both of its sides contain at least one response token. Invalid pairs contribute 0
 to every sum and are not counted, in every loss here. The reference differs per loss
-(qrm-method.md sections 1.3 and 2.1): its mean-score Q-RM skips a pair whose chosen response is empty (then
+(docs/method.md §4): its mean-score Q-RM skips a pair whose chosen response is empty (then
 the rejected one is empty too), its last-token ORM skips a pair with an empty side, but its DPO-RM (standard
 DPO) skips nothing: a side without response tokens enters with a log-prob sum of 0. Here that DPO pair is
 skipped as well, since an empty side carries no preference. (The data loader already drops pairs with an
@@ -222,7 +222,7 @@ def _pairwise_output(
 def qrm_loss(
     scores: torch.Tensor, response_mask: torch.Tensor, beta: float = 0.2, gamma: float = 2.0
 ) -> PairwiseLossOutput:
-    """Q-RM "mean-score" loss (qrm-method.md section 1.3).
+    """Q-RM "mean-score" loss (docs/method.md §4).
 
     Sequence score ``S = mean of Z over response tokens``; per-pair loss
     ``l = -log sigmoid(beta * (S_w - S_l) - gamma)``.
@@ -242,7 +242,7 @@ def qrm_loss(
 
 
 def orm_loss(scores: torch.Tensor, response_mask: torch.Tensor) -> PairwiseLossOutput:
-    """Pairwise last-token ORM loss (qrm-method.md section 2.1, "last-token").
+    """Pairwise last-token ORM loss (docs/method.md §4, baseline ``orm``).
 
     Sequence score = ``Z`` at the last response token (the EOS unless the response was truncated);
     per-pair loss ``l = -log sigmoid(Z_w_last - Z_l_last)``.
@@ -266,7 +266,7 @@ def dpo_loss(
     label_mask: torch.Tensor,
     beta: float = 0.1,
 ) -> PairwiseLossOutput:
-    """DPO-RM loss (qrm-method.md section 2.1, "DPO-RM"; sums over tokens, no label smoothing).
+    """DPO-RM loss (docs/method.md §4, baseline ``dpo``; sums over tokens, no label smoothing).
 
     Sequence credit ``s = beta * (sum_p label_mask * policy_logps - ref_logps_sum)``; per-pair loss
     ``l = -log sigmoid(s_w - s_l)``. A pair with an empty side is skipped (not counted); the reference's

@@ -31,11 +31,10 @@ from megatron_qrm import checkpointing, parallel  # noqa: E402
 from megatron_qrm.config import ModelConfig, ParallelConfig  # noqa: E402
 from megatron_qrm.data.packing import (  # noqa: E402
     pack_collated,
-    pair_microbatch,
     plan_microbatches,
     shared_prompt_pair_tokens,
 )
-from megatron_qrm.data.preference import TokenizedPair, collate_sequences  # noqa: E402
+from megatron_qrm.data.preference import TokenizedPair, collate_sequences, pair_microbatch  # noqa: E402
 from megatron_qrm.models import LoRAConfig, build_model  # noqa: E402
 from megatron_qrm.rewards.scoring import (  # noqa: E402
     METRIC_NAMES,
