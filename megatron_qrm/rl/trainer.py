@@ -56,6 +56,7 @@ from megatron_qrm.rl.roles import build_roles, offload
 from megatron_qrm.rl.rollout import Rollout
 from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
 from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
+from megatron_qrm.training.checkpoint_record import checkpoint_record
 from megatron_qrm.training.engine import NonFiniteGuard
 from megatron_qrm.training.metrics_log import MetricsLogger
 from megatron_qrm.training.step import optimizer_step
@@ -144,14 +145,12 @@ class RLTrainer:
     def _checkpoint_record(self) -> dict:
         """The ``qrm_config.json`` of the actor's checkpoints."""
         cfg, run = self.cfg, self.run
-        tok_path = self.tokenizer_path
-        return {"kind": "policy", "role": "policy", "model": self.model_cfg.to_dict(),
-                "tokenizer": os.path.abspath(tok_path) if os.path.exists(tok_path) else tok_path,
-                "chat_template": self.prompts.cfg.chat_template, "seq_length": cfg.prompts.seq_length,
-                "lora": dataclasses.asdict(LoRAConfig()),
-                "rl": {"algo": cfg.algo, "advantage": cfg.advantage, "reward_model": cfg.reward_model,
-                       "reward_kind": self.rm_kind, "initial_actor": os.path.abspath(cfg.actor)},
-                **checkpointing.tokenizer_record(self.tokenizer, tok_path, run.actor_config, run.tokenizer_change)}
+        return checkpoint_record(
+            "policy", "policy", self.model_cfg, tokenizer=self.tokenizer, tokenizer_path=self.tokenizer_path,
+            inherited=run.actor_config, tokenizer_change=run.tokenizer_change, lora=LoRAConfig(),
+            chat_template=self.prompts.cfg.chat_template, seq_length=cfg.prompts.seq_length,
+            rl={"algo": cfg.algo, "advantage": cfg.advantage, "reward_model": cfg.reward_model,
+                "reward_kind": self.rm_kind, "initial_actor": os.path.abspath(cfg.actor)})
 
     # ---- checkpoints (critic first, actor last: the actor's `latest` commits the iteration)
     def _save(self) -> None:
@@ -160,7 +159,7 @@ class RLTrainer:
             return
         if r.critic is not None:
             checkpointing.save_checkpoint(os.path.join(cfg.save, "critic"), self.state.iteration, r.critic,
-                                          {"kind": "critic", "role": "critic", "model": self.model_cfg.to_dict()},
+                                          checkpoint_record("critic", "critic", self.model_cfg),
                                           optimizer=r.critic_optimizer, scheduler=r.critic_scheduler)
         path = checkpointing.save_checkpoint(os.path.join(cfg.save, "actor"), self.state.iteration, r.actor,
                                              self.ckpt_config, optimizer=r.actor_optimizer,

@@ -16,8 +16,9 @@ import torch
 from megatron.core import parallel_state as ps
 
 from megatron_qrm import checkpointing, parallel
-from megatron_qrm.training.engine import NonFiniteGuard, reduce_metric_sums, run_global_batch
+from megatron_qrm.training.engine import NonFiniteGuard
 from megatron_qrm.training.metrics_log import MetricsLogger
+from megatron_qrm.training.step import optimizer_step
 
 
 @dataclass
@@ -46,23 +47,17 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
     while state.iteration < cfg.train_iters:
         t0 = time.time()
         micro = microbatches(state.consumed_samples)
-        ddp.zero_grad_buffer()
-        optimizer.zero_grad()
-        sums = reduce_metric_sums(run_global_batch(ddp, forward_step, micro, forward_only=False), metric_names)
-        skipped = 0.0
-        if sums[count_name] > 0 and guard.allow_step(state.iteration + 1, sums[cfg.loss_name], ddp):
-            _, grad_norm, _ = optimizer.step()
-            scheduler.step(increment=1)
-            guard.after_step(state.iteration + 1, grad_norm)
-        else:
-            grad_norm = 0.0
-            skipped = float(sums[count_name] > 0)
+        step = optimizer_step(ddp, optimizer, scheduler, forward_step=forward_step, microbatches=micro,
+                              metric_names=metric_names, guard=guard, step=state.iteration + 1,
+                              loss_name=cfg.loss_name, count_name=count_name)
+        sums = step.sums
+        skipped = float(not step.stepped and sums[count_name] > 0)
         state.iteration += 1
         state.consumed_samples += cfg.global_batch_size
         elapsed = time.time() - t0
         tokens = torch.tensor(float(sum(mb["tokens"].numel() for mb in micro)))
         parallel.all_reduce_host(tokens, group=ps.get_data_parallel_group())
-        last = dict(summarize(sums), grad_norm=float(grad_norm or 0.0),
+        last = dict(summarize(sums), grad_norm=step.grad_norm,
                     lr=float(optimizer.param_groups[0]["lr"]), tokens_per_s=float(tokens) / max(elapsed, 1e-9),
                     step_time_s=elapsed, epoch=epoch_of(state.consumed_samples), skipped=skipped)
         if state.iteration % cfg.log_interval == 0 or state.iteration == cfg.train_iters:
