@@ -40,6 +40,7 @@ from megatron_qrm.models.lora import lora_disabled
 from megatron_qrm.rewards.losses import last_token_values
 from megatron_qrm.rl import advantages as adv
 from megatron_qrm.rl import losses as rl_losses
+from megatron_qrm.rl.batch import UPDATE_FIELDS, Experience, gather_rows_over_dp
 from megatron_qrm.rl.config import RLConfig
 from megatron_qrm.rl.estimators import ESTIMATORS, EstimatorInputs, EstimatorSettings
 from megatron_qrm.rl.experience import (
@@ -53,7 +54,6 @@ from megatron_qrm.rl.experience import (
 )
 from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
 from megatron_qrm.rl.roles import build_roles, offload
-from megatron_qrm.rl.rollout import Rollout
 from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
 from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
 from megatron_qrm.training.checkpoint_record import checkpoint_record
@@ -62,40 +62,6 @@ from megatron_qrm.training.metrics_log import MetricsLogger
 from megatron_qrm.training.step import optimizer_step
 
 log = logging.getLogger("megatron_qrm")
-
-
-# ----------------------------------------------------------------------------- rollouts
-def _merge_rollouts(parts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
-    length = max(r.tokens.shape[1] for r in parts)
-
-    def pad(t, value):
-        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
-
-    tokens = torch.cat([pad(r.tokens, pad_id) for r in parts])
-    return {
-        "tokens": tokens,
-        "position_ids": torch.arange(length).expand(tokens.shape[0], length).contiguous(),
-        "action_mask": torch.cat([pad(r.action_mask, 0.0) for r in parts]),
-        "behaviour_logp": torch.cat([pad(r.logprobs, 0.0) for r in parts]),
-        "prompt_lens": torch.cat([r.prompt_lens for r in parts]),
-        "response_lens": torch.cat([r.response_lens for r in parts]),
-        "finished": torch.cat([r.finished for r in parts]),
-    }
-
-
-def _dp_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """All rows of a per-rank [n, L] tensor from every data-parallel rank (padded to a common L)."""
-    group = ps.get_data_parallel_group()
-    size = ps.get_data_parallel_world_size()
-    if size == 1:
-        return t
-    shape = torch.tensor([t.shape[0], t.shape[1]])
-    shapes = parallel.all_gather_host(shape, group=group)
-    n_max, l_max = int(max(s[0] for s in shapes)), int(max(s[1] for s in shapes))
-    padded = torch.zeros(n_max, l_max, dtype=t.dtype)
-    padded[: t.shape[0], : t.shape[1]] = t
-    out = parallel.all_gather_host(padded, group=group)
-    return torch.cat([o[: int(s[0])] for o, s in zip(out, shapes)])
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -191,7 +157,7 @@ class RLTrainer:
                 engine_cfg=self.cfg.vllm, version=self.state.iteration)
         return self._engine
 
-    def _engine_mismatch(self, exp: dict) -> dict[str, float]:
+    def _engine_mismatch(self, exp: Experience) -> dict[str, float]:
         """Mean and max |behaviour log-prob (rollout engine) - recomputed logp_old (trainer)| over response
         tokens, all data-parallel ranks (last stage computes; broadcast with the other stats)."""
         if exp.get("logp_old") is None:
@@ -205,7 +171,7 @@ class RLTrainer:
             parallel.all_reduce_host(mx, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
         return {"rollout_logp_diff_mean": float(t[0] / t[1].clamp(min=1)), "rollout_logp_diff_max": float(mx[0])}
 
-    def rollout(self) -> dict[str, torch.Tensor]:
+    def rollout(self) -> Experience:
         cfg = self.cfg
         (indices,) = self.sampler.microbatches(self.state.consumed_samples)
         indices = np.repeat(indices, cfg.samples_per_prompt)
@@ -223,40 +189,38 @@ class RLTrainer:
                 raise NonFiniteError(f"iteration {self.state.iteration + 1}: the actor's next-token distribution is "
                                      "not finite while sampling (its weights diverged in an earlier update); "
                                      "stopping before any update (the last checkpoint is untouched). Lower --lr") from None
-        exp = _merge_rollouts(parts, self.tokenizer.pad_id)
-        exp["prompt_index"] = torch.as_tensor(indices)
-        return exp
+        return Experience.from_rollouts(parts, torch.as_tensor(indices), self.tokenizer.pad_id)
 
     # ---- 2. scores
-    def score(self, exp: dict) -> dict:
+    def score(self, exp: Experience) -> Experience:
         cfg, r = self.cfg, self.roles
         mb, vocab = cfg.forward_micro_batch_size, self.tokenizer.vocab_size
         need_ref = r.reference is not None
         if need_ref and cfg.kl_estimator == "full":
             offload(r.reference, True, cfg.offload)
-            exp["logp_old"], exp["logp_ref"], exp["kl"] = policy_logprobs_and_full_kl(r.actor, r.reference, exp, mb, vocab)
+            exp.logp_old, exp.logp_ref, exp.kl = policy_logprobs_and_full_kl(r.actor, r.reference, exp, mb, vocab)
             offload(r.reference, False, cfg.offload)
         else:
-            exp["logp_old"] = policy_logprobs(r.actor, exp, mb, vocab)
+            exp.logp_old = policy_logprobs(r.actor, exp, mb, vocab)
             if need_ref:
                 offload(r.reference, True, cfg.offload)
-                exp["logp_ref"] = policy_logprobs(r.reference, exp, mb, vocab)
+                exp.logp_ref = policy_logprobs(r.reference, exp, mb, vocab)
                 offload(r.reference, False, cfg.offload)
-                if exp["logp_old"] is not None:
-                    exp["kl"] = kl_penalty(cfg.kl_estimator, logp=exp["logp_old"], logp_ref=exp["logp_ref"])
+                if exp.logp_old is not None:
+                    exp.kl = kl_penalty(cfg.kl_estimator, logp=exp.logp_old, logp_ref=exp.logp_ref)
         offload(r.reward, True, cfg.offload)
         if self.reward_fn is not None:
-            exp["credits"] = self.reward_fn(exp) if ps.is_pipeline_last_stage() else None
+            exp.credits = self.reward_fn(exp) if ps.is_pipeline_last_stage() else None
         elif self.rm_tokenizer is not None:
-            exp["credits"] = self.retokenized_credits(exp)
+            exp.credits = self.retokenized_credits(exp)
         else:
-            exp["credits"] = self._reward_credits(exp, vocab)
+            exp.credits = self._reward_credits(exp, vocab)
         offload(r.reward, False, cfg.offload)
         if r.critic is not None:
-            exp["values"] = head_scores(r.critic, exp, mb, shift_to_state=True)
+            exp.values = head_scores(r.critic, exp, mb, shift_to_state=True)
         return exp
 
-    def _reward_credits(self, exp: dict, vocab: int) -> Optional[torch.Tensor]:
+    def _reward_credits(self, exp, vocab: int) -> Optional[torch.Tensor]:
         """Per-position credits [N, L] of the reward model on ``exp``'s tokens (last stage; None elsewhere)."""
         r, mb = self.roles, self.cfg.forward_micro_batch_size
         if self.rm_kind == "dpo":
@@ -291,7 +255,7 @@ class RLTrainer:
         return None if rm_credits is None else batch.map_back(rm_credits)
 
     # ---- 3. advantages (last stage; statistics over every DP rank's rollout)
-    def advantages(self, exp: dict) -> dict[str, float]:
+    def advantages(self, exp: Experience) -> dict[str, float]:
         """Adds ``advantages`` and ``returns`` ``[n, L]`` (this rank's rows) to ``exp``, computed by the run's
         estimator (:mod:`megatron_qrm.rl.estimators`) over every data-parallel rank's rows; returns the
         rollout's statistics. Last pipeline stage only (elsewhere: ``{}``)."""
@@ -300,7 +264,7 @@ class RLTrainer:
             return {}
         mask = exp["action_mask"]
         n = mask.shape[0]
-        g = {k: _dp_gather_rows(exp[k]) for k in ("credits", "action_mask", "values", "kl", "logp_old", "logp_ref")
+        g = {k: gather_rows_over_dp(exp[k]) for k in ("credits", "action_mask", "values", "kl", "logp_old", "logp_ref")
              if exp.get(k) is not None}
         gmask = g["action_mask"]
         zeros = torch.zeros_like(gmask)
@@ -319,8 +283,8 @@ class RLTrainer:
                                                        eos_rescore=cfg.eos_rescore))
         start = sum(int(x) for x in self._dp_counts()[: self.dp_rank])
         rows = slice(start, start + n)
-        exp["advantages"] = out.advantages[rows, : mask.shape[1]].contiguous()
-        exp["returns"] = out.returns[rows, : mask.shape[1]].contiguous()
+        exp.advantages = out.advantages[rows, : mask.shape[1]].contiguous()
+        exp.returns = out.returns[rows, : mask.shape[1]].contiguous()
         tok = gmask.sum().clamp(min=1)
         seq_score = (rewards * gmask).sum(-1) / gmask.sum(-1).clamp(min=1) if seq is None else seq
         return {
@@ -337,20 +301,22 @@ class RLTrainer:
         return [int(x) for x in out]
 
     # ---- 4. updates
-    def _update(self, model, optimizer, scheduler, exp: dict, loss_fn, names: tuple[str, ...], epochs: int,
-                keys: tuple[str, ...]) -> dict[str, float]:
+    def _update(self, model, optimizer, scheduler, exp: Experience, loss_fn, names: tuple[str, ...]
+                ) -> dict[str, float]:
+        """``--ppo-epochs`` passes over the rollout in optimizer steps of ``--global-batch-size`` rows; returns the
+        sums of the metrics ``names`` over the steps taken."""
         cfg = self.cfg
         n = exp["tokens"].shape[0]
         per_step = cfg.global_batch_size // self.dp_size
         totals: dict[str, float] = {k: 0.0 for k in names}
-        for epoch in range(epochs):
+        for epoch in range(cfg.ppo_epochs):
             order = np.random.RandomState(cfg.parallel.seed + 7919 * self.state.iteration + epoch).permutation(n)
             for s in range(0, n, per_step):
                 rows = order[s:s + per_step]
                 capacity = None
                 if cfg.pack_sequences and not unsupported_reason(model):
                     capacity = cfg.pack_tokens or cfg.micro_batch_size * exp["tokens"].shape[1]
-                micro = update_microbatches(exp, rows, keys, cfg.micro_batch_size, self.tokenizer.pad_id, capacity)
+                micro = update_microbatches(exp, rows, UPDATE_FIELDS, cfg.micro_batch_size, self.tokenizer.pad_id, capacity)
                 label = "actor" if model is self.roles.actor else "critic"
                 result = optimizer_step(model, optimizer, scheduler, forward_step=update_forward_step(loss_fn),
                                         microbatches=micro, metric_names=names, guard=self.guards[label],
@@ -411,18 +377,12 @@ class RLTrainer:
             self._check_finite(exp)
             times["score_s"] = time.time() - t1
             t2 = time.time()
-            keys = ("tokens", "position_ids", "action_mask", "logp_old", "advantages", "returns", "values",
-                    "behaviour_logp")
-            for k in ("logp_old", "advantages", "returns", "values"):  # first stages carry placeholders (unused there)
-                if exp.get(k) is None:
-                    exp[k] = torch.zeros_like(exp["action_mask"])
             actor_names = ("policy_loss_sum", "tokens", "clipped_sum", "ratio_sum", "approx_kl_sum", "entropy_sum")
-            a = self._update(r.actor, r.actor_optimizer, r.actor_scheduler, exp, self._actor_loss, actor_names,
-                             cfg.ppo_epochs, keys)
+            a = self._update(r.actor, r.actor_optimizer, r.actor_scheduler, exp, self._actor_loss, actor_names)
             c = None
             if r.critic is not None:
                 c = self._update(r.critic, r.critic_optimizer, r.critic_scheduler, exp, self._critic_loss,
-                                 ("value_loss_sum", "tokens"), cfg.ppo_epochs, keys)
+                                 ("value_loss_sum", "tokens"))
             times["update_s"] = time.time() - t2
             self.state.iteration += 1
             self.state.consumed_samples += cfg.rollout_batch_size
@@ -453,7 +413,7 @@ class RLTrainer:
         self.logger.close()
         return last
 
-    def _check_finite(self, exp: dict) -> None:
+    def _check_finite(self, exp: Experience) -> None:
         """Stop before any update when the rollout's log-probs, rewards, values or advantages are not finite
         (on any rank); names the iteration and the tensors. Collective."""
         names = ("logp_old", "logp_ref", "credits", "values", "advantages", "returns")
