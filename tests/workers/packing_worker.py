@@ -205,7 +205,8 @@ def rl_update_step() -> dict:
     from megatron_qrm.rl.trainer import RLTrainer
     from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
 
-    stub = SimpleNamespace(cfg=SimpleNamespace(algo="ppo", clip_eps=0.2, entropy_coef=0.01, value_clip=0.2),
+    stub = SimpleNamespace(cfg=SimpleNamespace(algo="ppo", clip_eps=0.2, entropy_coef=0.01, value_clip=0.2,
+                                               rollout_is_correction=False),
                            tokenizer=SimpleNamespace(vocab_size=VOCAB - 7))  # a padded vocabulary tail too
     exp = make_rollout(9)
     keys = ("tokens", "position_ids", "action_mask", "logp_old", "advantages", "returns", "values")
