@@ -286,7 +286,7 @@ def layer_activation_bytes_per_token(m: ModelConfig, i: PlanInput, *, lora_rank:
       DotProductAttention keeps Q, K and V expanded to every head, the output (``4h``) and the softmax
       ``a * s`` in fp32 (4 B; bf16 adds its bf16 copy: 6 B);
     * MLP (T): fc1's output (2f) and fc2's input (f) with the fused SwiGLU: ``3f``; the project's SwiGLU
-      function (CPU, ``models/swiglu.py``) also keeps ``silu(gate)``: ``4f``;
+      function (CPU, ``cpu/swiglu.py``) also keeps ``silu(gate)``: ``4f``;
     * LoRA: each adapter keeps its rank-r intermediate: ``4r`` per token, not split (TE: the adapters of qkv
       and fc1 re-normalise their input in fp32: + ``2 * (8h/t_sp + e*h)`` bytes);
     * selective recompute: the unfused core's saved tensors become the checkpoint inputs (``3h + 3kv``);

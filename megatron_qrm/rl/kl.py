@@ -40,6 +40,7 @@ __all__ = [
     "kl_k3",
     "kl_penalty",
     "vocab_parallel_entropy",
+    "vocab_parallel_entropy_no_grad",
     "vocab_parallel_full_kl",
 ]
 
@@ -242,6 +243,31 @@ def vocab_parallel_entropy(local_logits: torch.Tensor, group: Optional[dist.Proc
 # --------------------------------------------------------------------------------------------------
 # sampled-token estimators
 # --------------------------------------------------------------------------------------------------
+
+
+#: Tokens per chunk of :func:`vocab_parallel_entropy_no_grad`: at a 128k vocabulary one chunk's fp32
+#: temporaries are ~0.5 GB (1,024 x 128,256 x 4 bytes each), a fixed bound instead of a multiple of the logits.
+ENTROPY_CHUNK_TOKENS = 1024
+
+
+@torch.no_grad()
+def vocab_parallel_entropy_no_grad(local_logits: torch.Tensor, vocab_size: int,
+                                   group: Optional[dist.ProcessGroup] = None,
+                                   chunk_tokens: int = ENTROPY_CHUNK_TOKENS) -> torch.Tensor:
+    """:func:`vocab_parallel_entropy` ``[..., s]`` of logits ``[..., s, V/tp]`` (any dtype; padded vocabulary
+    columns, global id >= ``vocab_size``, masked) for logging: no autograd graph, and the fp32 up-cast and the
+    softmax temporaries exist for ``chunk_tokens`` positions at a time. Every rank of ``group`` runs the same
+    chunks (the chunking depends on the shape only), so the collectives match."""
+    from megatron_qrm.models.logits import mask_padded_vocab
+
+    flat = local_logits.reshape(-1, local_logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32,
+                      device=flat.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        chunk = flat[start:start + chunk_tokens]
+        chunk = mask_padded_vocab(chunk if chunk.dtype == torch.float64 else chunk.float(), vocab_size)
+        out[start:start + chunk_tokens] = vocab_parallel_entropy(chunk, group)
+    return out.reshape(local_logits.shape[:-1])
 
 
 def _check_pair(logp: torch.Tensor, logp_ref: torch.Tensor, what: str) -> None:

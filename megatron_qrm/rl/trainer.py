@@ -42,17 +42,21 @@ from megatron_qrm.rl import losses as rl_losses
 from megatron_qrm.rewards.losses import last_token_values
 from megatron_qrm.rl.experience import (
     head_scores,
-    mask_padded_vocab,
     policy_logprobs,
     policy_logprobs_and_full_kl,
     retokenize_for_reward,
     shift_right,
-    token_logprobs,
 )
-from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
+from megatron_qrm.rl.kl import kl_penalty
 from megatron_qrm.rl.rollout import Rollout, SamplingConfig, generate
-from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
-from megatron_qrm.data.packing import unsupported_reason
+from megatron_qrm.rl.update_batching import (
+    token_entropy_rows,
+    token_logprobs_rows,
+    update_forward_step,
+    update_microbatches,
+)
+from megatron_qrm.data.packing import unpack
+from megatron_qrm.models.packing_support import unsupported_reason
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.errors import NonFiniteError
 from megatron_qrm.training.engine import (
@@ -596,8 +600,12 @@ class RLTrainer:
         return totals
 
     def _actor_loss(self, output, batch):
+        """``output``: the actor's vocab-parallel logits as the model produced them (packed ``[1, T, V/tp]`` or
+        padded ``[N, S, V/tp]``); log-probs and entropy are computed on that layout and unpacked as ``[N, S]``
+        (rl/update_batching.py)."""
         cfg = self.cfg
-        logp = token_logprobs(output, batch["tokens"], self.tokenizer.vocab_size)
+        vocab = self.tokenizer.vocab_size
+        logp = token_logprobs_rows(output, batch, vocab)
         mask = batch["action_mask"]
         if cfg.algo == "ppo":
             out = rl_losses.ppo_policy_loss(logp, batch["logp_old"], batch["advantages"], mask, clip_eps=cfg.clip_eps)
@@ -609,16 +617,16 @@ class RLTrainer:
                    "clipped_sum": out.stats.get("clip_frac", torch.zeros(())) * count,
                    "ratio_sum": out.stats.get("ratio_mean", torch.ones(())) * count,
                    "approx_kl_sum": out.stats.get("approx_kl", torch.zeros(())) * count}
-        # entropy of pi(.|s_t) at the state before each action, over vocab-parallel logits
-        ent = vocab_parallel_entropy(mask_padded_vocab(output.float(), self.tokenizer.vocab_size),
-                                     ps.get_tensor_model_parallel_group())
+        # entropy of pi(.|s_t) at the state before each action; without an entropy bonus only logged (no_grad)
+        ent = token_entropy_rows(output, batch, vocab, ps.get_tensor_model_parallel_group(),
+                                 grad=cfg.entropy_coef > 0)
         ent_sum = (shift_right(ent) * mask).sum()
         metrics["entropy_sum"] = ent_sum.detach()
         loss_sum = out.loss_sum - cfg.entropy_coef * ent_sum if cfg.entropy_coef > 0 else out.loss_sum
         return loss_sum, count.to(torch.int), metrics
 
     def _critic_loss(self, output, batch):
-        values = shift_right(output.squeeze(-1).float())  # V(s_t) for the action at p sits at p - 1
+        values = shift_right(unpack(output, batch).squeeze(-1).float())  # V(s_t) for the action at p sits at p - 1
         # --value-clip: PPO value clipping around the rollout-time values (the reference does not clip)
         out = rl_losses.value_loss(values, batch["returns"], batch["action_mask"], clip_eps=self.cfg.value_clip,
                                    values_old=batch.get("values") if self.cfg.value_clip is not None else None)

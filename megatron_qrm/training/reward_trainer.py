@@ -24,8 +24,8 @@ from megatron_qrm.data.packing import (
     pair_microbatch,
     plan_microbatches,
     rank_microbatches,
-    resolve_shared_prompts,
 )
+from megatron_qrm.models.packing_support import resolve_shared_prompts
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.models.lora import is_lora_param
 from megatron_qrm.rewards.scoring import (
