@@ -17,6 +17,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from launch import REPO, _env, free_port
 
 PKG = pathlib.Path(REPO) / "megatron_qrm"
@@ -104,3 +106,67 @@ def test_the_cpu_path_does_reach_the_cpu_kernels():
     assert backend.is_cpu_run()
     assert isinstance(backend.decode_linear(__import__("torch").device("cpu")), CpuPackedLinear)
     assert os.path.exists(PKG / "cpu" / "emulation.py")
+
+
+def _packed_case(shared: bool):
+    import torch
+
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_qrm.models.packed_attention import PrefixSharingPackedSeqParams
+
+    g = torch.Generator().manual_seed(3)
+    if shared:  # prompt[:-1] (5), then two branches (4, 3) continuing it, then a second pair (3; 2, 2)
+        lengths, parent = [5, 4, 3, 3, 2, 2], [-1, 0, 0, -1, 3, 3]
+    else:
+        lengths, parent = [5, 7, 1, 4], None
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    t = int(cu[-1])
+    m = max(lengths) * 2
+    if shared:
+        params = PrefixSharingPackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m,
+                                              max_seqlen_kv=m, segment_parent=torch.tensor(parent),
+                                              position_ids=torch.zeros(t, dtype=torch.long))
+    else:
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m, max_seqlen_kv=m)
+    q = torch.randn(t, 4, 8, generator=g, dtype=torch.float64)
+    k = torch.randn(t, 2, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(t, 2, 8, generator=g, dtype=torch.float64)
+    return q, k, v, params, lengths, parent
+
+
+def _loop_reference(q, k, v, lengths, parent):
+    """Per token: softmax over the keys it may see (its segment up to itself, and every ancestor segment)."""
+    import torch
+
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    out = torch.zeros(q.shape[0], q.shape[1] * q.shape[2], dtype=q.dtype)
+    for s, (a, n) in enumerate(zip(starts, lengths)):
+        anc, p = [], (parent[s] if parent else -1)
+        while p >= 0:
+            anc = list(range(starts[p], starts[p] + lengths[p])) + anc
+            p = parent[p]
+        for i in range(a, a + n):
+            keys = anc + list(range(a, i + 1))
+            for h in range(q.shape[1]):
+                kh = k[keys, h // 2]
+                w = torch.softmax(kh @ q[i, h] / 8 ** 0.5, dim=0)
+                out[i, h * 8:(h + 1) * 8] = w @ v[keys, h // 2]
+    return out
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_flex_attention_masks_equal_a_loop_and_the_bucketed_sdpa(shared):
+    """The GPU path's FlexAttention document / prefix-tree masks (run eager on CPU here; compiled on a GPU) give
+    what a per-token loop and the CPU's bucketed SDPA give."""
+    import torch
+
+    from megatron_qrm.models import packed_attention as pa
+
+    q, k, v, params, lengths, parent = _packed_case(shared)
+    want = _loop_reference(q, k, v, lengths, parent)
+    flex = pa.flex_packed_attention(q, k, v, params, 8 ** -0.5, compiled=False)
+    torch.testing.assert_close(flex, want, atol=1e-10, rtol=1e-10)
+    bucketed = pa.bucketed_packed_attention(q, k, v, params, 8 ** -0.5, enable_gqa=True)
+    torch.testing.assert_close(bucketed, want, atol=1e-10, rtol=1e-10)
+    assert pa.library_kernel(q, params, 0.0) is None  # CPU: the bucketed SDPA

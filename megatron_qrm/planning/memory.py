@@ -26,6 +26,10 @@ from megatron_qrm.planning.params import (
     stage_parameters,
 )
 
+#: rl/kl.py's ENTROPY_CHUNK_TOKENS (not imported: this package stays free of torch; tests/test_planning.py
+#: checks they agree)
+ENTROPY_CHUNK_TOKENS = 1024
+
 GiB = 1 << 30
 GB = 10**9
 
@@ -94,6 +98,9 @@ class PlanInput:
     rollout_batch_size: int = 3072
     samples_per_prompt: int = 1
     ppo_epochs: int = 1
+    #: the actor update's entropy bonus (``--entropy-coef``): > 0 keeps the entropy's fp32 working tensors for
+    #: backward; 0 computes the logged entropy under no_grad, a chunk of tokens at a time
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -326,12 +333,18 @@ def final_activation_bytes_per_token(m: ModelConfig, i: PlanInput, role: str) ->
 
 
 def logits_bytes_per_token(m: ModelConfig, i: PlanInput, role: str) -> float:
-    """Policy head: the vocab-parallel softmax saved in fp32 (4 B) plus, at the peak, the logits (e) and their
-    fp32 working copy (4 B): ``(8 + e) V / t`` bytes per token. Reward/critic heads: negligible."""
+    """Policy head, per token: the logits the model outputs (e), the one fp32 copy megatron-core's
+    vocab-parallel cross-entropy works on and keeps (4 B: its softmax, which backward turns into the gradient
+    in place; :func:`megatron_qrm.models.logits.next_token_nll`) and, at the backward peak, the logits'
+    gradient (e): ``(4 + 2e) V / t``. The RL update computes these on the packed stream (no gathered
+    ``[N, S, V/t]`` copy, rl/update_batching.py); with an entropy bonus (``entropy_coef > 0``) the entropy's
+    fp32 up-cast, shifted logits, exponentials and their product are kept for backward: ``+ 16 V / t``.
+    Reward/critic heads: negligible."""
     if role in SCORED_ROLES:
         return 0.0
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, i.tp)
-    return (8 + i.act_bytes) * vocab / i.tp
+    entropy = 16 if role == "policy" and i.role in ("ppo", "reinforce") and i.entropy_coef > 0 else 0
+    return (4 + 2 * i.act_bytes + entropy) * vocab / i.tp
 
 
 def training_activations(m: ModelConfig, i: PlanInput, role: str, lora_rank: int, stage: int,
@@ -354,6 +367,10 @@ def training_activations(m: ModelConfig, i: PlanInput, role: str, lora_rank: int
     # saved), plus -- under full recompute -- that layer's recomputed activations
     one_layer = layer_activation_bytes_per_token(m, i, lora_rank=lora_rank, recompute="none") * tokens
     workspace = one_layer * (2 if i.recompute == "full" else 1)
+    if last and role == "policy" and i.role in ("ppo", "reinforce") and i.entropy_coef == 0:
+        # the logged entropy under no_grad: ~4 fp32 temporaries of one chunk of tokens (rl/kl.py)
+        vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, i.tp)
+        workspace = max(workspace, 16 * min(ENTROPY_CHUNK_TOKENS, tokens) * vocab / i.tp)
     if not i.flash and i.recompute != "selective":
         # megatron's global buffer for the [b*a/t, s, s] scores of the unfused attention
         workspace += sequences * (m.num_attention_heads // i.tp) * i.seq_length ** 2 * i.act_bytes
