@@ -170,3 +170,24 @@ def test_flex_attention_masks_equal_a_loop_and_the_bucketed_sdpa(shared):
     bucketed = pa.bucketed_packed_attention(q, k, v, params, 8 ** -0.5, enable_gqa=True)
     torch.testing.assert_close(bucketed, want, atol=1e-10, rtol=1e-10)
     assert pa.library_kernel(q, params, 0.0) is None  # CPU: the bucketed SDPA
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    """``benchmarks/gpu_step.py --all --cpu-smoke`` (the GPU check's CI mode): the local spec is built, its packed
+    RM forward/backward equals the unpacked one, the RM step and the sampler run, the vLLM refit is reported
+    (skipped without vLLM or the hook), and the table prints."""
+    import json
+
+    out = tmp_path / "all.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_step.py"), "--all", "--cpu-smoke",
+                           "--output", str(out)], env=_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "packed==unpacked" in proc.stdout and "CPU SMOKE" in proc.stdout
+    res = json.loads(out.read_text())
+    assert list(res["all"]["specs"]) == ["local"]  # no CUDA: no Transformer Engine spec
+    local = res["all"]["specs"]["local"]
+    assert local["packed_vs_unpacked"]["scores_max_rel_diff"] < 1e-4
+    assert local["packed_vs_unpacked"]["grad_max_rel_diff"] < 1e-4
+    assert local["packed_vs_unpacked"]["tokens_packed"] < local["packed_vs_unpacked"]["tokens_padded"]
+    assert local["rm_step"]["seconds"] > 0 and local["decode"]["generated_tokens_per_s"] > 0
+    assert res["all"]["vllm_refit"]["status"].startswith(("ok", "skipped", "failed"))

@@ -132,6 +132,23 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             v = torch.cat([torch.zeros(n, 1), head_rows[:, :-1, 0]], dim=1)
             ref_c = rl_losses.value_loss(v, batch["returns"], batch["action_mask"]).loss_sum
             results[f"{layout}-critic"] = {"loss": c_loss.detach(), "ref_loss": ref_c.detach()}
+        # the logged entropy's chunked no_grad kernel: chunks smaller than the stream, a -inf logit, bf16 input
+        from megatron_qrm.rl.kl import vocab_parallel_entropy_no_grad
+
+        def entropy_by_hand(x):  # -sum p log p over the real vocabulary; a -inf logit contributes 0
+            lp = torch.log_softmax(x[..., :V_REAL].double(), dim=-1)
+            return -torch.where(torch.isfinite(lp), lp.exp() * lp, torch.zeros((), dtype=lp.dtype)).sum(-1)
+
+        full = torch.randn(2, 7, vpad, generator=g) * 3
+        full[0, 2, 5] = -float("inf")
+        full[1, 4, V_REAL - 1] = -float("inf")
+        want = entropy_by_hand(full)
+        group = ps.get_tensor_model_parallel_group()
+        results["entropy_chunks"] = {
+            "fp32": vocab_parallel_entropy_no_grad(full[..., cols], V_REAL, group, chunk_tokens=3), "want": want,
+            "bf16": vocab_parallel_entropy_no_grad(full[..., cols].bfloat16(), V_REAL, group, chunk_tokens=5),
+            "want_bf16": entropy_by_hand(full.bfloat16()),
+        }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         ps.destroy_model_parallel()
@@ -146,6 +163,9 @@ def test_update_logprobs_entropy_losses_on_the_stream_equal_the_reference(tmp_pa
     mp.start_processes(_worker, args=(tp, port, str(tmp_path)), nprocs=tp, join=True, start_method="spawn")
     for rank in range(tp):
         res = torch.load(tmp_path / f"rank{rank}.pt")
+        chunks = res.pop("entropy_chunks")
+        torch.testing.assert_close(chunks["fp32"].double(), chunks["want"], atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(chunks["bf16"].double(), chunks["want_bf16"], atol=1e-5, rtol=1e-6)
         assert len(res) == 8
         for name, r in res.items():
             close = lambda a, b, what: torch.testing.assert_close(a.float(), b.float(), atol=1e-6, rtol=1e-6,
@@ -158,7 +178,4 @@ def test_update_logprobs_entropy_losses_on_the_stream_equal_the_reference(tmp_pa
             close(r["logp"][act], r["ref_logp"][act], "log-probs")
             close(r["ent"][:, :-1][act[:, 1:]], r["ref_ent"][act], "entropy")  # ent at p feeds the action at p+1
             close(r["entropy_sum"], r["ref_entropy_sum"], "entropy sum")
-            if name.startswith("packed"):  # the stream's padding tail gets no gradient
-                close(r["grad"], r["ref_grad"], "gradient")
-            else:
-                close(r["grad"], r["ref_grad"], "gradient")
+            close(r["grad"], r["ref_grad"], "gradient")  # packed: the stream's padding tail gets none

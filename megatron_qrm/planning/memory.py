@@ -28,7 +28,7 @@ from megatron_qrm.planning.params import (
 
 #: rl/kl.py's ENTROPY_CHUNK_TOKENS (not imported: this package stays free of torch; tests/test_planning.py
 #: checks they agree)
-ENTROPY_CHUNK_TOKENS = 1024
+ENTROPY_CHUNK_TOKENS = 512
 
 GiB = 1 << 30
 GB = 10**9
@@ -368,9 +368,9 @@ def training_activations(m: ModelConfig, i: PlanInput, role: str, lora_rank: int
     one_layer = layer_activation_bytes_per_token(m, i, lora_rank=lora_rank, recompute="none") * tokens
     workspace = one_layer * (2 if i.recompute == "full" else 1)
     if last and role == "policy" and i.role in ("ppo", "reinforce") and i.entropy_coef == 0:
-        # the logged entropy under no_grad: ~4 fp32 temporaries of one chunk of tokens (rl/kl.py)
+        # the logged entropy under no_grad: 2 fp32 temporaries (+ a bool mask) of one chunk of tokens (rl/kl.py)
         vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, i.tp)
-        workspace = max(workspace, 16 * min(ENTROPY_CHUNK_TOKENS, tokens) * vocab / i.tp)
+        workspace = max(workspace, 9 * min(ENTROPY_CHUNK_TOKENS, tokens) * vocab / i.tp)
     if not i.flash and i.recompute != "selective":
         # megatron's global buffer for the [b*a/t, s, s] scores of the unfused attention
         workspace += sequences * (m.num_attention_heads // i.tp) * i.seq_length ** 2 * i.act_bytes

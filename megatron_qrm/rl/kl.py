@@ -57,8 +57,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _group_size(group: Optional[dist.ProcessGroup]) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+#: ``group`` of the unsharded functions (:func:`full_kl`, :func:`entropy_from_logits`): no collective at all. (With
+#: ``group=None`` torch.distributed means the whole world: in a multi-process run they summed over every rank.)
+_UNSHARDED = object()
+
+
+def _group_size(group) -> int:
+    if group is _UNSHARDED or not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
@@ -166,7 +171,7 @@ def full_kl(logits_actor: torch.Tensor, logits_ref: torch.Tensor) -> torch.Tenso
     """
     if logits_actor.shape != logits_ref.shape:
         raise ValueError(f"full_kl: shape mismatch {tuple(logits_actor.shape)} vs {tuple(logits_ref.shape)}")
-    return _kl_from_parts(logits_actor, logits_ref, group=None)
+    return _kl_from_parts(logits_actor, logits_ref, group=_UNSHARDED)
 
 
 def vocab_parallel_full_kl(
@@ -223,7 +228,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[...]`` float32 entropy; differentiable.
     """
-    return _entropy_from_parts(logits, group=None)
+    return _entropy_from_parts(logits, group=_UNSHARDED)
 
 
 def vocab_parallel_entropy(local_logits: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
@@ -245,28 +250,37 @@ def vocab_parallel_entropy(local_logits: torch.Tensor, group: Optional[dist.Proc
 # --------------------------------------------------------------------------------------------------
 
 
-#: Tokens per chunk of :func:`vocab_parallel_entropy_no_grad`: at a 128k vocabulary one chunk's fp32
-#: temporaries are ~0.5 GB (1,024 x 128,256 x 4 bytes each), a fixed bound instead of a multiple of the logits.
-ENTROPY_CHUNK_TOKENS = 1024
+#: Tokens per chunk of :func:`vocab_parallel_entropy_no_grad`: at a 128k vocabulary one chunk's two fp32
+#: temporaries are ~0.25 GB each (512 x 128,256 x 4 bytes), a fixed bound instead of a multiple of the logits.
+ENTROPY_CHUNK_TOKENS = 512
 
 
 @torch.no_grad()
 def vocab_parallel_entropy_no_grad(local_logits: torch.Tensor, vocab_size: int,
                                    group: Optional[dist.ProcessGroup] = None,
                                    chunk_tokens: int = ENTROPY_CHUNK_TOKENS) -> torch.Tensor:
-    """:func:`vocab_parallel_entropy` ``[..., s]`` of logits ``[..., s, V/tp]`` (any dtype; padded vocabulary
-    columns, global id >= ``vocab_size``, masked) for logging: no autograd graph, and the fp32 up-cast and the
-    softmax temporaries exist for ``chunk_tokens`` positions at a time. Every rank of ``group`` runs the same
+    """:func:`vocab_parallel_entropy` ``[...]`` of logits ``[..., V/tp]`` (any dtype; padded vocabulary columns,
+    global id >= ``vocab_size``, masked) for logging: no autograd graph, ``chunk_tokens`` positions at a time, two
+    fp32 temporaries per chunk (the shifted logits ``d``, then ``exp(d)`` multiplied by ``d`` in place):
+    ``H = log S - A / S`` with ``S = sum exp(d)``, ``A = sum exp(d) d``. Every rank of ``group`` runs the same
     chunks (the chunking depends on the shape only), so the collectives match."""
-    from megatron_qrm.models.logits import mask_padded_vocab
+    from megatron_qrm.models.logits import fp32_masked_copy, mask_padded_vocab
 
     flat = local_logits.reshape(-1, local_logits.shape[-1])
     out = torch.empty(flat.shape[0], dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32,
                       device=flat.device)
     for start in range(0, flat.shape[0], chunk_tokens):
         chunk = flat[start:start + chunk_tokens]
-        chunk = mask_padded_vocab(chunk if chunk.dtype == torch.float64 else chunk.float(), vocab_size)
-        out[start:start + chunk_tokens] = vocab_parallel_entropy(chunk, group)
+        if chunk.dtype == torch.float64:
+            d = mask_padded_vocab(chunk, vocab_size).clone()
+        else:
+            d = fp32_masked_copy(chunk, vocab_size)
+        d.sub_(_global_max(d, group))
+        e = torch.exp(d)  # exp(-inf) = 0 ...
+        d.masked_fill_(~torch.isfinite(d), 0.0)  # ... and 0 * d must be 0, not NaN (see _shifted_exp)
+        s_sum = e.sum(-1)
+        sums = _all_reduce_sum(torch.stack([s_sum, e.mul_(d).sum(-1)]), group)  # [2, chunk]: S and A
+        out[start:start + chunk_tokens] = torch.log(sums[0]) - sums[1] / sums[0]
     return out.reshape(local_logits.shape[:-1])
 
 
