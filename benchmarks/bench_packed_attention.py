@@ -35,6 +35,8 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--forward-only", action="store_true",
+                   help="no backward (FlexAttention has no CPU backward in torch 2.13): scoring / evaluation")
     p.add_argument("--skip", default="", help="comma-separated kernels not to run")
     args = p.parse_args(argv)
 
@@ -63,9 +65,10 @@ def main(argv=None):
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=m,
                                  max_seqlen_kv=m)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    q = torch.randn(t, args.heads, args.head_dim, device=args.device, dtype=dtype, requires_grad=True)
-    k = torch.randn(t, args.groups, args.head_dim, device=args.device, dtype=dtype, requires_grad=True)
-    v = torch.randn(t, args.groups, args.head_dim, device=args.device, dtype=dtype, requires_grad=True)
+    grad = not args.forward_only
+    q = torch.randn(t, args.heads, args.head_dim, device=args.device, dtype=dtype, requires_grad=grad)
+    k = torch.randn(t, args.groups, args.head_dim, device=args.device, dtype=dtype, requires_grad=grad)
+    v = torch.randn(t, args.groups, args.head_dim, device=args.device, dtype=dtype, requires_grad=grad)
     scale = args.head_dim ** -0.5
     kernels = {
         "bucketed": lambda: pa.bucketed_packed_attention(q, k, v, params, scale, enable_gqa=True),
@@ -80,7 +83,8 @@ def main(argv=None):
 
     def once(fn):
         out = fn()
-        out.float().square().sum().backward()
+        if grad:
+            out.float().square().sum().backward()
         sync()
 
     for name, fn in list(kernels.items()):
@@ -91,16 +95,19 @@ def main(argv=None):
             errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
             kernels.pop(name)
             times.pop(name)
+    reference = kernels["bucketed"]() if "bucketed" in kernels else None
+    max_diff = {n: float((fn() - reference).abs().max()) for n, fn in kernels.items()} if reference is not None else {}
     for _ in range(args.repeats):
         for name, fn in kernels.items():
             t0 = time.perf_counter()
             once(fn)
             times[name].append(time.perf_counter() - t0)
     res = {"tokens": t, "segments": len(lengths), "shared": args.shared, "device": args.device,
+           "pass": "forward" if args.forward_only else "forward+backward",
            "dtype": str(dtype), "median_ms": {n: 1e3 * statistics.median(v) for n, v in times.items()},
-           "errors": errors}
+           "max_abs_diff_vs_bucketed": max_diff, "errors": errors}
     for n, ms in res["median_ms"].items():
-        print(f"{n:>14}: {ms:9.2f} ms fwd+bwd")
+        print(f"{n:>14}: {ms:9.2f} ms {res['pass']}  (max |diff| vs bucketed {max_diff.get(n, float('nan')):.1e})")
     for n, e in errors.items():
         print(f"{n:>14}: unavailable ({e})")
     print(json.dumps(res))

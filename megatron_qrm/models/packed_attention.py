@@ -280,7 +280,9 @@ def flex_packed_attention(query: Tensor, key: Tensor, value: Tensor, packed_seq_
     fn = flex_attention
     if compiled:
         if _COMPILED_FLEX is None:
-            _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
+            # automatic dynamic shapes: the stream length changes every micro-batch; a static compile would
+            # recompile for each new length until dynamo's cache limit, then fall back to the eager kernel
+            _COMPILED_FLEX = torch.compile(flex_attention)
         fn = _COMPILED_FLEX
     mask = flex_block_mask(packed_seq_params, t, query.device)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, hn]
