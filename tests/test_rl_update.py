@@ -149,6 +149,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "bf16": vocab_parallel_entropy_no_grad(full[..., cols].bfloat16(), V_REAL, group, chunk_tokens=5),
             "want_bf16": entropy_by_hand(full.bfloat16()),
         }
+        # megatron-core's cross-entropy works in place on its input: the caller's fp32 logits of one row with no
+        # padded vocabulary columns (where no up-cast or mask copies them) must come back unchanged (they are
+        # also the full KL's input, rl/experience.py)
+        from megatron_qrm.models.logits import next_token_nll
+
+        row = torch.randn(1, 6, per, generator=g)
+        kept = row.clone()
+        next_token_nll(row, torch.randint(0, per * world, (1, 6), generator=g), per * world)
+        results["nll_leaves_input"] = {"row": row, "kept": kept}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         ps.destroy_model_parallel()
@@ -163,6 +172,8 @@ def test_update_logprobs_entropy_losses_on_the_stream_equal_the_reference(tmp_pa
     mp.start_processes(_worker, args=(tp, port, str(tmp_path)), nprocs=tp, join=True, start_method="spawn")
     for rank in range(tp):
         res = torch.load(tmp_path / f"rank{rank}.pt")
+        kept = res.pop("nll_leaves_input")
+        assert torch.equal(kept["row"], kept["kept"])
         chunks = res.pop("entropy_chunks")
         torch.testing.assert_close(chunks["fp32"].double(), chunks["want"], atol=1e-5, rtol=1e-6)
         torch.testing.assert_close(chunks["bf16"].double(), chunks["want_bf16"], atol=1e-5, rtol=1e-6)

@@ -9,7 +9,8 @@ spec otherwise; the choice and its reason are logged (once per process and choic
 attention is :class:`~megatron_qrm.models.attention.SDPAttention` (fused ``scaled_dot_product_attention``:
 no ``s x s`` matrix, no K/V copied per query head under GQA) on every device, for training and inference;
 megatron-core's ``DotProductAttention`` stays selectable (``local_attention="unfused"``,
-``--local-attention unfused``) for parity tests.
+``--local-attention unfused``) for parity tests. On a CPU run the local spec gets the CPU kernels
+(:mod:`megatron_qrm.models.backend`, the one place the GPU path meets :mod:`megatron_qrm.cpu`; docs/gpu.md).
 Activation recomputation (``recompute_granularity`` full/selective) is passed to megatron-core.
 """
 
