@@ -62,8 +62,9 @@ def apply_linear(module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
     Plain local Column/RowParallelLinear (no sequence parallelism, no gathered output): ``linear`` (``F.linear``,
     or the CPU kernels' packed GEMM, :func:`megatron_qrm.models.backend.decode_linear`) and, row-parallel under
     TP, an all-reduce, then the layer's LoRA adapter (:func:`megatron_qrm.models.lora.lora_delta`, the term the
-    trainer's hook adds). Other forward hooks a user may register on these layers are not replayed (the
-    decoder computes the layer itself); any other layer is called as a module. ``weight`` overrides a
+    trainer's hook adds). Other hooks on these layers are not run (the decoder computes the layer itself):
+    e.g. megatron-core DDP's ``overlap_param_gather`` pre-hooks, which this project does not enable (a model
+    decoded with them would need its parameters gathered first); any other layer is called as a module. ``weight`` overrides a
     column-parallel layer's weight (a tied output layer).
     """
     kind = type(module)
