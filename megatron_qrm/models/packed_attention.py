@@ -260,7 +260,9 @@ def flex_block_mask(packed_seq_params: PackedSeqParams, total: int, device):
         def mask_mod(b, h, q_idx, kv_idx):
             return (seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)
 
-    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device)
+    # on a GPU the mask is built by a compiled kernel block by block (eager evaluation materialises t x t)
+    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device,
+                             _compile=torch.device(device).type == "cuda")
     setattr(packed_seq_params, "_qrm_flex_mask", ((total, str(device)), mask))
     return mask
 
@@ -299,6 +301,8 @@ def varlen_packed_attention(query: Tensor, key: Tensor, value: Tensor, packed_se
     t, np_, hn = query.shape
     cu = packed_seq_params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
     m = int(packed_seq_params.max_seqlen_q) if packed_seq_params.max_seqlen_q is not None else int((cu[1:] - cu[:-1]).max())
+    # FlashAttention wants unit-stride rows; V is a strided slice of the fused QKV projection (a no-op otherwise)
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     out = varlen_attn(query, key, value, cu, cu, m, m, scale=softmax_scale, window_size=(-1, 0),
                       enable_gqa=key.shape[1] != np_)
     return out.reshape(t, np_ * hn)
