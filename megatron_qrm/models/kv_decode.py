@@ -237,8 +237,8 @@ class KVCacheDecoder:
         h, bias = apply_linear(mlp.linear_fc1, x, linear=self.linear)
         if bias is not None:
             h = h + bias
-        if getattr(cfg, "use_te_activation_func", False):  # the spec's SwiGLU module, on the whole fc1 output
-            act = mlp.activation_func(h)
+        if getattr(cfg, "use_te_activation_func", False) and not getattr(mlp.activation_func, "silu_glu", False):
+            act = mlp.activation_func(h)  # the spec's activation module, on the whole fc1 output
         else:
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
