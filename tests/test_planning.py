@@ -234,8 +234,8 @@ def test_every_preset_plans(name):
 
 def test_rl_update_logits_and_entropy_by_hand():
     """The actor update holds the logits on the packed stream: output (e) + one fp32 copy (4) + the gradient
-    (e); an entropy bonus keeps 4 more fp32 tensors; the logged entropy (coefficient 0) is a no_grad workspace
-    of one chunk of tokens."""
+    (e); an entropy bonus adds its own gradient (e; its backward recomputes); the entropy is a workspace of one
+    chunk of tokens."""
     from megatron_qrm.planning.memory import ENTROPY_CHUNK_TOKENS, training_activations
     from megatron_qrm.rl.kl import ENTROPY_CHUNK_TOKENS as KL_CHUNK
 
@@ -247,7 +247,7 @@ def test_rl_update_logits_and_entropy_by_hand():
         assert logits == (4 + 2 * e) * 128 * tokens
         _, logits_bonus, _ = training_activations(tiny(), tiny_input(role="reinforce", bf16=bf16, entropy_coef=0.01),
                                                   "policy", 0, 0, 3)
-        assert logits_bonus == (4 + 2 * e + 16) * 128 * tokens
+        assert logits_bonus == (4 + 3 * e) * 128 * tokens
     big = ModelConfig(**dict(TINY, vocab_size=128_256))
     _, _, work = training_activations(big, tiny_input(model=big, role="reinforce", seq_length=4096), "policy", 0, 0, 1)
     assert work >= 9 * ENTROPY_CHUNK_TOKENS * 128_256

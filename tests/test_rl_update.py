@@ -158,6 +158,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         kept = row.clone()
         next_token_nll(row, torch.randint(0, per * world, (1, 6), generator=g), per * world)
         results["nll_leaves_input"] = {"row": row, "kept": kept}
+        # the entropy bonus's recomputing backward, chunks smaller than the stream: against autograd of the formula
+        from megatron_qrm.rl.kl import vocab_parallel_entropy_recomputed
+
+        z = torch.randn(2, 7, vpad, generator=g) * 3
+        w = torch.randn(2, 7, generator=g)
+        local = z[..., cols].clone().requires_grad_(True)
+        (w * vocab_parallel_entropy_recomputed(local, V_REAL, group, chunk_tokens=4)).sum().backward()
+        zd = z.double().requires_grad_(True)
+        (w.double() * entropy_by_hand(zd)).sum().backward()
+        results["entropy_grad"] = {"grad": local.grad, "want": zd.grad[..., cols]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         ps.destroy_model_parallel()
@@ -172,6 +182,8 @@ def test_update_logprobs_entropy_losses_on_the_stream_equal_the_reference(tmp_pa
     mp.start_processes(_worker, args=(tp, port, str(tmp_path)), nprocs=tp, join=True, start_method="spawn")
     for rank in range(tp):
         res = torch.load(tmp_path / f"rank{rank}.pt")
+        eg = res.pop("entropy_grad")
+        torch.testing.assert_close(eg["grad"].double(), eg["want"], atol=1e-6, rtol=1e-5)
         kept = res.pop("nll_leaves_input")
         assert torch.equal(kept["row"], kept["kept"])
         chunks = res.pop("entropy_chunks")

@@ -98,8 +98,8 @@ class PlanInput:
     rollout_batch_size: int = 3072
     samples_per_prompt: int = 1
     ppo_epochs: int = 1
-    #: the actor update's entropy bonus (``--entropy-coef``): > 0 keeps the entropy's fp32 working tensors for
-    #: backward; 0 computes the logged entropy under no_grad, a chunk of tokens at a time
+    #: the actor update's entropy bonus (``--entropy-coef``): > 0 adds the entropy's gradient of the logits; 0
+    #: computes the logged entropy under no_grad (either way a chunk of tokens at a time)
     entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
@@ -337,13 +337,14 @@ def logits_bytes_per_token(m: ModelConfig, i: PlanInput, role: str) -> float:
     vocab-parallel cross-entropy works on and keeps (4 B: its softmax, which backward turns into the gradient
     in place; :func:`megatron_qrm.models.logits.next_token_nll`) and, at the backward peak, the logits'
     gradient (e): ``(4 + 2e) V / t``. The RL update computes these on the packed stream (no gathered
-    ``[N, S, V/t]`` copy, rl/update_batching.py); with an entropy bonus (``entropy_coef > 0``) the entropy's
-    fp32 up-cast, shifted logits, exponentials and their product are kept for backward: ``+ 16 V / t``.
+    ``[N, S, V/t]`` copy, rl/update_batching.py); an entropy bonus (``entropy_coef > 0``) keeps nothing of
+    vocabulary size for backward (its backward recomputes the softmax a chunk at a time, rl/kl.py) but adds its
+    own gradient of the logits before autograd sums the two: ``+ e V / t``.
     Reward/critic heads: negligible."""
     if role in SCORED_ROLES:
         return 0.0
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, i.tp)
-    entropy = 16 if role == "policy" and i.role in ("ppo", "reinforce") and i.entropy_coef > 0 else 0
+    entropy = i.act_bytes if role == "policy" and i.role in ("ppo", "reinforce") and i.entropy_coef > 0 else 0
     return (4 + 2 * i.act_bytes + entropy) * vocab / i.tp
 
 
@@ -367,8 +368,9 @@ def training_activations(m: ModelConfig, i: PlanInput, role: str, lora_rank: int
     # saved), plus -- under full recompute -- that layer's recomputed activations
     one_layer = layer_activation_bytes_per_token(m, i, lora_rank=lora_rank, recompute="none") * tokens
     workspace = one_layer * (2 if i.recompute == "full" else 1)
-    if last and role == "policy" and i.role in ("ppo", "reinforce") and i.entropy_coef == 0:
-        # the logged entropy under no_grad: 2 fp32 temporaries (+ a bool mask) of one chunk of tokens (rl/kl.py)
+    if last and role == "policy" and i.role in ("ppo", "reinforce"):
+        # the entropy (logged, or a bonus whose backward recomputes): 2 fp32 temporaries (+ a bool mask) of one
+        # chunk of tokens at a time (rl/kl.py)
         vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, i.tp)
         workspace = max(workspace, 9 * min(ENTROPY_CHUNK_TOKENS, tokens) * vocab / i.tp)
     if not i.flash and i.recompute != "selective":

@@ -30,7 +30,7 @@ import torch
 
 from megatron_qrm.data.packing import first_fit_decreasing, pack_collated, packed_seq_params, unpack
 from megatron_qrm.models.logits import next_token_nll
-from megatron_qrm.rl.kl import vocab_parallel_entropy, vocab_parallel_entropy_no_grad
+from megatron_qrm.rl.kl import vocab_parallel_entropy_no_grad, vocab_parallel_entropy_recomputed
 from megatron_qrm.training.engine import to_device
 
 
@@ -88,12 +88,11 @@ def token_logprobs_rows(local_logits: torch.Tensor, batch: dict, vocab_size: int
 
 def token_entropy_rows(local_logits: torch.Tensor, batch: dict, vocab_size: int, group, grad: bool) -> torch.Tensor:
     """Entropy of ``pi(. | prefix up to p)`` ``[N, S]`` (column p: the distribution the logits at p give; not
-    shifted) from the logits in the model's layout. ``grad`` False (an entropy that is only logged): computed
-    under ``no_grad`` a chunk of tokens at a time, so no fp32 copy of the whole logits is made for it."""
+    shifted) from the logits in the model's layout, a chunk of tokens at a time: ``grad`` False (an entropy that
+    is only logged) under ``no_grad``; ``grad`` True (an entropy bonus) with a backward that recomputes the
+    softmax, so no fp32 copy of the logits is kept for it (:func:`megatron_qrm.rl.kl.vocab_parallel_entropy_recomputed`)."""
     if grad:
-        from megatron_qrm.models.logits import mask_padded_vocab
-
-        ent = vocab_parallel_entropy(mask_padded_vocab(local_logits.float(), vocab_size), group)
+        ent = vocab_parallel_entropy_recomputed(local_logits, vocab_size, group)
     else:
         ent = vocab_parallel_entropy_no_grad(local_logits, vocab_size, group)
     return unpack(ent, batch)
