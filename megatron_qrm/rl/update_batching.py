@@ -30,6 +30,7 @@ import torch
 
 from megatron_qrm.data.packing import first_fit_decreasing, pack_collated, packed_seq_params, unpack
 from megatron_qrm.models.logits import next_token_nll
+from megatron_qrm.rl.experience import shift_right
 from megatron_qrm.rl.kl import vocab_parallel_entropy_no_grad, vocab_parallel_entropy_recomputed
 from megatron_qrm.training.engine import to_device
 
@@ -69,11 +70,6 @@ def update_forward_step(loss_fn: Callable[[torch.Tensor, dict], tuple]):
     return forward_step
 
 
-def _shift_right(x: torch.Tensor) -> torch.Tensor:
-    """[N, S] values about the NEXT token (computed at p) -> indexed by that token's position (p + 1)."""
-    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-
-
 def token_logprobs_rows(local_logits: torch.Tensor, batch: dict, vocab_size: int) -> torch.Tensor:
     """``log pi(a_t | s_t)`` ``[N, S]`` (column t: the token at t; column 0 and padding: 0 or unused) from the
     vocab-parallel logits in the model's layout, ``[1, T, V/tp]`` (packed) or ``[N, S, V/tp]``.
@@ -83,7 +79,7 @@ def token_logprobs_rows(local_logits: torch.Tensor, batch: dict, vocab_size: int
     row's end, where no action is (``action_mask`` is 0 there). Differentiable in the logits."""
     tokens = batch["tokens"]
     labels = torch.cat([tokens[:, 1:], tokens[:, -1:]], dim=1)
-    return _shift_right(-unpack(next_token_nll(local_logits, labels, vocab_size), batch))
+    return shift_right(-unpack(next_token_nll(local_logits, labels, vocab_size), batch))
 
 
 def token_entropy_rows(local_logits: torch.Tensor, batch: dict, vocab_size: int, group, grad: bool) -> torch.Tensor:
