@@ -19,6 +19,16 @@ step, which is how the planner is checked on a GPU.
     python benchmarks/gpu_step.py                                # llama3-8b shape, LoRA r=128 RM step + decode
     python benchmarks/gpu_step.py --model llama3.2-1b --lora-rank 0 --json
     python benchmarks/gpu_step.py --cpu-smoke                    # a tiny model on CPU: checks the script only
+    python benchmarks/gpu_step.py --all                          # the GPU check: one table (docs/gpu.md)
+    python benchmarks/gpu_step.py --all --cpu-smoke              # its CPU smoke (tests/test_gpu_path.py)
+
+``--all`` is the check to run on the first GPU (``tools/gpu_check.sh`` wraps it): for each layer spec that
+builds here -- Transformer Engine's (if it imports) and the local spec (SDPA; packed sequences through torch's
+library kernels) -- it checks that a bf16 RM forward/backward on a packed (THD) micro-batch equals the unpacked
+one, times the RM step (MFU) and the sampler, compares the planner's memory with
+``torch.cuda.max_memory_allocated``, and, if vLLM is installed, runs a refit through the hook
+``megatron_qrm.rl.vllm_engine.gpu_check_refit(model, model_cfg) -> dict`` when that module provides it
+(docs/gpu.md). One table at the end; ``--json`` for the raw numbers.
 
 Without a GPU the script refuses (exit 2) unless ``--cpu-smoke``: CPU numbers say nothing about GPUs.
 No GPU figures measured with this script are recorded in the repository yet.
@@ -59,6 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--output", help="also write the JSON here")
+    p.add_argument("--all", action="store_true",
+                   help="the GPU check: every buildable layer spec, packed == unpacked, RM step, sampler, vLLM "
+                        "refit, planner vs measured memory; one table")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="tiny model, fp32, on CPU: checks that the script runs (no meaningful numbers)")
     return p.parse_args(argv)
@@ -186,6 +199,123 @@ def bench_decode(args, model_cfg, bf16: bool, device) -> dict:
             "peak_memory_bytes": peak}
 
 
+def check_packed_equals_unpacked(args, model_cfg, bf16: bool, device, impl: str) -> dict:
+    """Reward-model scores and the gradient of their sum on a packed (THD) micro-batch vs the same sequences
+    padded: max absolute difference relative to the scores' scale (bf16 rounding: ~1e-2; fp32: ~1e-6)."""
+    import torch
+
+    from megatron_qrm.data.packing import pack_collated, packed_seq_params, unpack
+    from megatron_qrm.models import PrecisionConfig, build_model
+
+    torch.manual_seed(args.seed)
+    model = build_model(model_cfg, "reward", precision=PrecisionConfig(bf16=bf16), transformer_impl=impl,
+                        local_attention=args.local_attention, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    n, s = 4, args.seq_length
+    lengths = torch.randint(max(s // 4, 2), s + 1, (n,), generator=g)
+    tokens = torch.randint(4, model_cfg.vocab_size, (n, s), generator=g)
+    cols = torch.arange(s)
+    valid = cols[None, :] < lengths[:, None]
+    tokens = torch.where(valid, tokens, torch.zeros_like(tokens))
+    rows = {"tokens": tokens, "position_ids": cols.expand(n, s).contiguous(), "response_mask": valid.float(),
+            "seq_lengths": lengths}
+    packed = pack_collated(dict(rows), pad_id=0, pad_to_multiple=8)
+    packed = {k: v.to(device) if torch.is_tensor(v) else v for k, v in packed.items()}
+    rows = {k: v.to(device) for k, v in rows.items()}
+    out = {}
+    for name, batch in (("unpacked", rows), ("packed", packed)):
+        model.zero_grad(set_to_none=True)
+        scores = model(batch["tokens"], batch["position_ids"], attention_mask=None,
+                       packed_seq_params=packed_seq_params(batch))
+        scores = unpack(scores, batch)[..., 0].float()  # [N, S]
+        scores = torch.where(valid.to(device), scores, torch.zeros_like(scores))
+        scores.sum().backward()
+        grad = model.output_layer.weight.grad.float().clone()
+        out[name] = (scores.detach(), grad)
+    scale = float(out["unpacked"][0].abs().max()) or 1.0
+    gscale = float(out["unpacked"][1].abs().max()) or 1.0
+    return {"scores_max_rel_diff": float((out["packed"][0] - out["unpacked"][0]).abs().max()) / scale,
+            "grad_max_rel_diff": float((out["packed"][1] - out["unpacked"][1]).abs().max()) / gscale,
+            "tokens_packed": int(packed["tokens"].shape[1]), "tokens_padded": n * s}
+
+
+def vllm_refit(args, model_cfg, bf16: bool) -> dict:
+    """A vLLM refit through the hook ``megatron_qrm.rl.vllm_engine.gpu_check_refit(model, model_cfg) -> dict``
+    (written with the vLLM engine; docs/gpu.md): skipped with the reason when vLLM or the hook is absent."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return {"status": f"skipped: vllm not importable ({type(e).__name__})"}
+    try:
+        from megatron_qrm.rl import vllm_engine
+    except Exception as e:  # noqa: BLE001
+        return {"status": f"skipped: megatron_qrm.rl.vllm_engine not importable ({type(e).__name__}: {e})"}
+    hook = getattr(vllm_engine, "gpu_check_refit", None)
+    if hook is None:
+        return {"status": "skipped: megatron_qrm.rl.vllm_engine has no gpu_check_refit(model, model_cfg) hook"}
+    from megatron_qrm.models import PrecisionConfig, build_model
+
+    model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=bf16), seed=args.seed)
+    try:
+        return dict(status="ok", **hook(model, model_cfg))
+    except Exception as e:  # noqa: BLE001  (reported in the table, the rest of the check still runs)
+        return {"status": f"failed: {type(e).__name__}: {e}"}
+
+
+def specs_to_check(args) -> tuple[list[str], str]:
+    from megatron_qrm.models.builder import transformer_impl_available
+
+    te, why = transformer_impl_available()
+    return (["te"] if te else []) + ["local"], why
+
+
+def run_all(args, model_cfg, bf16: bool, device, peak_flops) -> dict:
+    """The GPU check (``--all``): one entry per layer spec, plus the vLLM refit."""
+    import torch
+
+    specs, te_reason = specs_to_check(args)
+    out = {"specs": {}, "te_reason": te_reason}
+    for impl in specs:
+        args.transformer_impl = impl
+        entry = {"packed_vs_unpacked": check_packed_equals_unpacked(args, model_cfg, bf16, device, impl)}
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rm = bench_rm_step(args, model_cfg, bf16, device)
+        entry["rm_step"] = rm
+        entry["rm_step_mfu"] = rm["model_flops"] / rm["seconds"] / peak_flops if peak_flops else None
+        entry["rm_step_planned_peak_bytes"] = planned_peak(args, model_cfg, bf16, rm["layer_spec"])
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        entry["decode"] = bench_decode(args, model_cfg, bf16, device) if args.decode_batch > 0 else None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        out["specs"][impl] = entry
+    out["vllm_refit"] = vllm_refit(args, model_cfg, bf16)
+    return out
+
+
+def print_table(result: dict, args) -> None:
+    tol = 2e-2 if result["dtype"] == "bf16" else 1e-4
+    print(f"{result['device']}; torch {result['torch']}, megatron-core {result['megatron_core']}; {result['model']} "
+          f"({result['dtype']}){'  [CPU SMOKE: not a GPU measurement]' if result['cpu_smoke'] else ''}")
+    if "te" not in result["all"]["specs"]:
+        print(f"Transformer Engine spec: not built ({result['all']['te_reason']})")
+    head = ("spec", "packed==unpacked", "RM step ms", "tokens/s", "MFU", "peak GiB", "planned GiB",
+            "decode tok/s", "ms/step")
+    print(" | ".join(f"{h:>16}" for h in head))
+    for impl, e in result["all"]["specs"].items():
+        pv, rm, dec = e["packed_vs_unpacked"], e["rm_step"], e["decode"]
+        ok = max(pv["scores_max_rel_diff"], pv["grad_max_rel_diff"])
+        gib = lambda b: f"{b / 2**30:.2f}" if b else "n/a"  # noqa: E731
+        cells = (impl, f"{'ok' if ok <= tol else 'FAIL'} {ok:.1e}", f"{rm['seconds'] * 1e3:.1f}",
+                 f"{rm['tokens_per_s']:.0f}", f"{e['rm_step_mfu']:.1%}" if e["rm_step_mfu"] else "n/a",
+                 gib(rm["peak_memory_bytes"]), gib(e["rm_step_planned_peak_bytes"]),
+                 f"{dec['generated_tokens_per_s']:.0f}" if dec else "n/a",
+                 f"{dec['decode_step_ms']:.2f}" if dec else "n/a")
+        print(" | ".join(f"{c:>16}" for c in cells))
+    print(f"vLLM refit: {result['all']['vllm_refit']}")
+
+
 def planned_peak(args, model_cfg, bf16: bool, impl: str) -> int:
     from megatron_qrm.planning.memory import PlanInput, estimate
 
@@ -235,6 +365,27 @@ def main(argv=None) -> int:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (GPUS[gpu_key].peak_bf16_flops if gpu_key else None)
     hbm = GPUS[gpu_key].hbm_bytes_per_s if gpu_key else None
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+    if args.all:
+        result = {
+            "device": device_name, "torch": torch.__version__, "megatron_core": megatron.core.__version__,
+            "python": platform.python_version(), "cpu_smoke": args.cpu_smoke,
+            "model": "tiny" if args.cpu_smoke else args.model, "dtype": "bf16" if bf16 else "fp32",
+            "lora_rank": args.lora_rank, "seq_length": args.seq_length, "peak_flops": peak,
+            "all": run_all(args, model_cfg, bf16, device, peak),
+        }
+        parallel.destroy()
+        if args.output:
+            with open(args.output, "w") as f:
+                json.dump(result, f, indent=2)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print_table(result, args)
+        tol = 2e-2 if bf16 else 1e-4
+        bad = [i for i, e in result["all"]["specs"].items()
+               if max(e["packed_vs_unpacked"]["scores_max_rel_diff"], e["packed_vs_unpacked"]["grad_max_rel_diff"]) > tol]
+        return 1 if bad else 0
 
     rm = bench_rm_step(args, model_cfg, bf16, device)
     if torch.cuda.is_available():

@@ -1,4 +1,4 @@
-"""The project's kernels (models/rope.py, models/swiglu.py, the decoder's packed GEMM in models/kv_decode.py)
+"""The project's kernels (models/rope.py, cpu/swiglu.py, the decoder's packed GEMM in cpu/kernels.py)
 against plain loops and products written here.
 
 Model-level agreement is tested elsewhere: the local SDPA spec (RopeSelfAttention + SwiGLU) against
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_qrm.models import rope
-from megatron_qrm.models.swiglu import swiglu
+from megatron_qrm.cpu.swiglu import swiglu
 
 
 def _table(seq: int, rot: int, base: float = 10000.0) -> torch.Tensor:
@@ -138,7 +138,7 @@ def test_swiglu_matches_plain_formula_values_and_gradients():
 def test_cpu_packed_linear_equals_a_plain_product(rows):
     """The decoder's small-batch products: MKL's pre-packed GEMM in its row range, F.linear outside it; either
     way the product of x and the weight (checked against a float64 matmul), with bias, for 2-D and 3-D x."""
-    from megatron_qrm.models.kv_decode import PACKED_GEMM_ROWS, CpuPackedLinear
+    from megatron_qrm.cpu.kernels import PACKED_GEMM_ROWS, CpuPackedLinear
 
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(96, 48, generator=g), torch.randn(96, generator=g)
@@ -157,7 +157,7 @@ def test_cpu_packed_linear_equals_a_plain_product(rows):
 
 
 def test_cpu_packed_linear_leaves_other_dtypes_to_f_linear():
-    from megatron_qrm.models.kv_decode import CpuPackedLinear
+    from megatron_qrm.cpu.kernels import CpuPackedLinear
 
     linear = CpuPackedLinear()
     x, w = torch.randn(16, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)

@@ -111,7 +111,8 @@ def test_tiny_memory_by_hand_fp32_local_unfused():
     assert layer_activation_bytes_per_token(tiny(), tiny_input()) == per_token_layer == 5888
     tokens = 3 * 48
     assert m.activations == 2 * per_token_layer * tokens + 3 * 64 * 4 * tokens  # + final norm
-    assert m.logits == (8 + 4) * 128 * tokens  # fp32 softmax + logits + fp32 copy, padded vocabulary
+    # logits (e) + the cross-entropy's fp32 copy (its saved softmax) + the logits' gradient (e), padded vocabulary
+    assert m.logits == (4 + 2 * 4) * 128 * tokens
     assert m.workspace == per_token_layer * tokens + 3 * 4 * 48 * 48 * 4  # one layer + unfused score buffer
     assert m.kv_cache == 0 and m.reserve == 0
     assert m.total == sum(v for k, v in m.to_dict().items() if k != "total")
@@ -229,6 +230,27 @@ def test_every_preset_plans(name):
         tp = 8 if m.num_attention_heads % 8 == 0 and m.num_query_groups % 8 == 0 else 1
         plan = make_plan(PlanInput(model=m, role=role, lora_rank=lora, tensor_parallel=tp, num_gpus=8, gpu="h100-80gb"))
         assert plan.per_gpu_bytes > 0 and plan.flops_per_step > 0
+
+
+def test_rl_update_logits_and_entropy_by_hand():
+    """The actor update holds the logits on the packed stream: output (e) + one fp32 copy (4) + the gradient
+    (e); an entropy bonus adds its own gradient (e; its backward recomputes); the entropy is a workspace of one
+    chunk of tokens."""
+    from megatron_qrm.planning.memory import ENTROPY_CHUNK_TOKENS, training_activations
+    from megatron_qrm.rl.kl import ENTROPY_CHUNK_TOKENS as KL_CHUNK
+
+    assert ENTROPY_CHUNK_TOKENS == KL_CHUNK
+    tokens = 3 * 48
+    for bf16, e in ((False, 4), (True, 2)):
+        i = tiny_input(role="reinforce", bf16=bf16)
+        _, logits, _ = training_activations(tiny(), i, "policy", 0, 0, 3)
+        assert logits == (4 + 2 * e) * 128 * tokens
+        _, logits_bonus, _ = training_activations(tiny(), tiny_input(role="reinforce", bf16=bf16, entropy_coef=0.01),
+                                                  "policy", 0, 0, 3)
+        assert logits_bonus == (4 + 3 * e) * 128 * tokens
+    big = ModelConfig(**dict(TINY, vocab_size=128_256))
+    _, _, work = training_activations(big, tiny_input(model=big, role="reinforce", seq_length=4096), "policy", 0, 0, 1)
+    assert work >= 9 * ENTROPY_CHUNK_TOKENS * 128_256
 
 
 def test_ppo_phases_offload_and_reinforce():

@@ -472,6 +472,8 @@ def _vp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         mean, std = masked_mean_std(Z[rank : rank + 1], MASK[rank : rank + 1], group=group)
         torch.save(
             {"kl": kl.detach(), "ent": ent.detach(), "kl_dispatch": kl_dispatch, "grad_a": a.grad,
+             # the unsharded functions in a distributed process: no collective (they once summed over the world)
+             "ent_unsharded": entropy_from_logits(la), "kl_unsharded": full_kl(la, lr),
              "grad_r": r.grad, "mean": mean, "std": std},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -508,6 +510,8 @@ def test_vocab_parallel_kl_entropy_and_dp_stats_two_processes(tmp_path):
         close(out["kl"], kl.detach(), atol=1e-12)
         close(out["ent"], ent.detach(), atol=1e-12)
         close(out["kl_dispatch"], kl.detach(), atol=1e-12)
+        close(out["ent_unsharded"], ent.detach(), atol=1e-12)
+        close(out["kl_unsharded"], kl.detach(), atol=1e-12)
         sl = slice(rank * 5, (rank + 1) * 5)
         # identity-backward all-reduce: local grads are exactly the slices of the unsharded grads
         close(out["grad_a"], a.grad[..., sl], atol=1e-12)

@@ -22,11 +22,10 @@ from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.packing import (
     check_pack_capacity,
     plan_microbatches,
-    resolve_shared_prompts,
     unpack,
-    unsupported_reason,
 )
 from megatron_qrm.data.preference import pair_microbatch
+from megatron_qrm.models.packing_support import resolve_shared_prompts, unsupported_reason
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import lora_disabled

@@ -9,7 +9,8 @@ spec otherwise; the choice and its reason are logged (once per process and choic
 attention is :class:`~megatron_qrm.models.attention.SDPAttention` (fused ``scaled_dot_product_attention``:
 no ``s x s`` matrix, no K/V copied per query head under GQA) on every device, for training and inference;
 megatron-core's ``DotProductAttention`` stays selectable (``local_attention="unfused"``,
-``--local-attention unfused``) for parity tests.
+``--local-attention unfused``) for parity tests. On a CPU run the local spec gets the CPU kernels
+(:mod:`megatron_qrm.models.backend`, the one place the GPU path meets :mod:`megatron_qrm.cpu`; docs/gpu.md).
 Activation recomputation (``recompute_granularity`` full/selective) is passed to megatron-core.
 """
 
@@ -26,6 +27,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
 from megatron_qrm.config import ROLES, ModelConfig, padded_vocab_size
+from megatron_qrm.models import backend
 from megatron_qrm.models.lora import LoRAConfig, apply_lora
 from megatron_qrm.models.token_head import TokenHead
 
@@ -102,7 +104,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequen
                        recompute_num_layers: int = 1) -> TransformerConfig:
     """``recompute_granularity``: None, 'selective' (the attention core is recomputed in backward) or
     'full' (every layer keeps only its input; ``recompute_num_layers`` layers per uniform chunk)."""
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = backend.is_cpu_run()  # CPU kernels instead of the fused CUDA ones (models/backend.py)
     if recompute_granularity not in (None, "none", "selective", "full"):
         raise ValueError(f"--recompute-granularity {recompute_granularity!r}: expected full or selective")
     recompute = None if recompute_granularity in (None, "none") else recompute_granularity
@@ -135,13 +137,14 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequen
         variable_seq_lengths=pp > 1,
         moe_token_dispatcher_type="alltoall",  # (dense model) the default one rejects variable_seq_lengths
         calculate_per_token_loss=calculate_per_token_loss,
-        use_cpu_initialization=on_cpu,
+        use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=True,
         # fused kernels that need CUDA/apex
         bias_dropout_fusion=not on_cpu,
         bias_activation_fusion=not on_cpu,  # fused SwiGLU: keeps only fc1's output for backward (3f, not 5f)
         masked_softmax_fusion=not on_cpu,
-        persist_layer_norm=not on_cpu,
+        # apex's persistent LayerNorm kernel; megatron-core's torch-norm fallback (no apex) asserts it is off
+        persist_layer_norm=not on_cpu and _have_apex_norm(),
         gradient_accumulation_fusion=False,
         apply_rope_fusion=False,
         recompute_granularity=recompute,
@@ -166,12 +169,8 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
                               recompute_granularity=recompute_granularity, recompute_num_layers=recompute_num_layers)
     spec, impl = layer_spec(transformer_impl, local_attention)
     if impl == "local" and not tcfg.bias_activation_fusion:
-        # no fused SwiGLU kernel (CPU): the project's SwiGLU module, which megatron-core's MLP calls on the
-        # whole fc1 output when use_te_activation_func is set (models/swiglu.py says why)
-        from megatron_qrm.models.swiglu import with_swiglu
-
-        spec = with_swiglu(spec)
-        tcfg.use_te_activation_func = True
+        # CPU run (no fused SwiGLU kernel): the CPU kernels' spec (models/backend.py is where the paths part)
+        spec = backend.cpu_layer_spec(spec, tcfg)
     if tcfg.sequence_parallel and impl == "local" and not _have_apex_norm():
         raise ValueError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
                          "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")

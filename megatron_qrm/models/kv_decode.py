@@ -3,8 +3,9 @@
 Built from the layers' submodules -- ``input_layernorm``, ``self_attention`` (its
 ``get_query_key_value_tensors``: ``linear_qkv`` + q/k layernorms, and ``linear_proj``),
 ``pre_mlp_layernorm`` and ``mlp`` -- rather than from megatron-core's forward signatures or its inference
-contexts, so LoRA hooks on the linears keep working and megatron-core API changes to ``forward``
-do not reach it. What it does differently from megatron-core's ``StaticInferenceContext`` path:
+contexts, so megatron-core API changes to ``forward`` do not reach it. Only public module APIs are used;
+LoRA adapters are applied through the same modules and function the trainer uses
+(:func:`megatron_qrm.models.lora.lora_delta`). What it does differently from megatron-core's ``StaticInferenceContext`` path:
 
 * keys are cached AFTER the rotary embedding, which is applied once to each new key (and query) with
   cos/sin looked up in a table computed once from the model's own ``rotary_pos_emb`` (so RoPE scaling
@@ -20,9 +21,9 @@ do not reach it. What it does differently from megatron-core's ``StaticInference
   are done for the copy to pay off);
 * megatron-core's local tensor-parallel linears are applied with ``F.linear`` (+ the TP all-reduce of a
   row-parallel one) instead of their training-oriented autograd Function and region wrappers, which cost
-  ~0.1 ms of Python per call -- a tenth of a batch-1 decode step; forward hooks (LoRA adapters) run as
-  ``module.__call__`` runs them. Any other linear (Transformer Engine's, one with pre-hooks, gathered
-  output, sequence parallelism) is simply called. Likewise the SwiGLU MLP and the fused QKV split are
+  ~0.1 ms of Python per call -- a tenth of a batch-1 decode step; the product is ``F.linear`` (GPU) or the
+  CPU kernels' packed GEMM, chosen by :func:`megatron_qrm.models.backend.decode_linear`. Any other linear
+  (Transformer Engine's, gathered output, sequence parallelism) is simply called. Likewise the SwiGLU MLP and the fused QKV split are
   done here only for the configurations whose megatron-core code is plain (else the submodule is called).
 
 Logits stay vocabulary-parallel (this TP rank's columns, ``[B, V/tp]``). Pipeline stages exchange the
@@ -43,9 +44,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.mlp import MLP
 
-from megatron_qrm.models import rope
+from megatron_qrm.models import backend, rope
 from megatron_qrm.models.attention import _SDPA_HAS_GQA
-from megatron_qrm.models.swiglu import SwiGLU
+from megatron_qrm.models.lora import lora_delta
 
 
 def unwrap_model(model):
@@ -55,58 +56,20 @@ def unwrap_model(model):
     return model
 
 
-#: Rows (tokens) of a decode matmul for which MKL's pre-packed GEMM beats ``F.linear`` on CPU: at 4-64 rows
-#: ``F.linear`` re-packs the whole weight on every call, which costs about as much as the product itself
-#: (hidden 512, 1536 outputs: 355 -> 221 us at 32 rows; 8192 outputs: 1966 -> 1138 us); at 1-2 rows and from
-#: ~128 rows on, the packing is no loss to ``F.linear`` and the plain call is as fast or faster.
-PACKED_GEMM_ROWS = (4, 64)
-
-
-def _mkl_packed_gemm_available() -> bool:
-    try:
-        return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear") and hasattr(
-            torch.ops.mkl, "_mkl_reorder_linear_weight")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class CpuPackedLinear:
-    """``F.linear`` for small-batch CPU fp32 decoding through MKL's pre-packed GEMM (``torch.ops.mkl``, what
-    torch.compile's CPU backend uses for frozen fp32 linears): each weight is packed once per decoder (a
-    decoder lives for one ``generate`` call, during which weights do not change), then every decode step's
-    product skips ``F.linear``'s per-call packing. Elsewhere (GPU, bf16, large or single-row inputs,
-    torch without MKL) it is ``F.linear``. The result equals ``F.linear``'s to float rounding (1e-5 relative)."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled and _mkl_packed_gemm_available()
-        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, packed)
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        if not (self.enabled and x.device.type == "cpu" and x.dtype == torch.float32 == weight.dtype
-                and PACKED_GEMM_ROWS[0] <= rows <= PACKED_GEMM_ROWS[1] and x.shape[-1] == weight.shape[1]
-                and (bias is None or bias.dtype == torch.float32)):
-            return F.linear(x, weight, bias)
-        entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight:
-            entry = (weight, torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows))
-            self._packed[id(weight)] = entry
-        return torch.ops.mkl._mkl_linear(x, entry[1], weight.detach(), bias, rows)
-
-
 def apply_linear(module, x: torch.Tensor, weight: Optional[torch.Tensor] = None, linear=F.linear):
     """``module(x)`` -> ``(output, bias)`` for a megatron-core tensor-parallel linear, in inference.
 
-    Plain local Column/RowParallelLinear (no sequence parallelism, no gathered output, no pre-hooks):
-    ``linear`` (``F.linear``, or a :class:`CpuPackedLinear`) and, row-parallel under TP, an all-reduce, then
-    the module's forward hooks. ``weight`` overrides a column-parallel layer's weight (a tied output layer).
+    Plain local Column/RowParallelLinear (no sequence parallelism, no gathered output): ``linear`` (``F.linear``,
+    or the CPU kernels' packed GEMM, :func:`megatron_qrm.models.backend.decode_linear`) and, row-parallel under
+    TP, an all-reduce, then the layer's LoRA adapter (:func:`megatron_qrm.models.lora.lora_delta`, the term the
+    trainer's hook adds). Other hooks on these layers are not run (the decoder computes the layer itself):
+    e.g. megatron-core DDP's ``overlap_param_gather`` pre-hooks, which this project does not enable (a model
+    decoded with them would need its parameters gathered first); any other layer is called as a module. ``weight`` overrides a
+    column-parallel layer's weight (a tied output layer).
     """
     kind = type(module)
     plain = (kind in (ColumnParallelLinear, RowParallelLinear) and not torch.is_grad_enabled()
              and not module.sequence_parallel and not getattr(module, "explicit_expert_comm", False)
-             and not module._forward_pre_hooks and not module._forward_hooks_with_kwargs
-             and not torch.nn.modules.module._global_forward_hooks
-             and not torch.nn.modules.module._global_forward_pre_hooks
              and (getattr(module, "gather_output", False) is False if kind is ColumnParallelLinear
                   else getattr(module, "input_is_parallel", False) is True))
     if not plain:
@@ -120,12 +83,10 @@ def apply_linear(module, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
             dist.all_reduce(out, group=ps.get_tensor_model_parallel_group())
         if bias is not None and not module.skip_bias_add:
             out = out + bias
-    result = (out, bias if module.skip_bias_add else None)
-    for hook in module._forward_hooks.values():
-        hooked = hook(module, (x,), result)
-        if hooked is not None:
-            result = hooked
-    return result
+    delta = lora_delta(module, x)
+    if delta is not None:
+        out = out + delta
+    return out, bias if module.skip_bias_add else None
 
 
 class KVCacheDecoder:
@@ -135,7 +96,8 @@ class KVCacheDecoder:
     (the largest position any row reaches, + 1).
     """
 
-    def __init__(self, model, batch_size: int, max_columns: int, max_positions: int, device: torch.device):
+    def __init__(self, model, batch_size: int, max_columns: int, max_positions: int, device: torch.device,
+                 linear=None):
         self.model = unwrap_model(model)
         cfg = self.model.config
         self.config = cfg
@@ -167,7 +129,8 @@ class KVCacheDecoder:
         self.columns = 0  # cache columns filled
         self.key_valid: Optional[torch.Tensor] = None  # [B, max_columns] bool (None: no padding anywhere)
         self.positions: Optional[torch.Tensor] = None  # [B] position of the next token of each row
-        self.linear = CpuPackedLinear()  # F.linear, or on CPU MKL's pre-packed GEMM for the decode steps
+        # F.linear, or on CPU MKL's pre-packed GEMM (the backend's choice for the device)
+        self.linear = linear if linear is not None else backend.decode_linear(device)
 
     # ------------------------------------------------------------------------------------------ public
     @torch.no_grad()
@@ -267,7 +230,6 @@ class KVCacheDecoder:
     def _mlp(self, mlp, x: torch.Tensor):
         cfg = self.config
         plain = (type(mlp) is MLP and cfg.gated_linear_unit and cfg.activation_func is F.silu
-                 and (not getattr(cfg, "use_te_activation_func", False) or isinstance(mlp.activation_func, SwiGLU))
                  and getattr(cfg, "activation_func_clamp_value", None) is None
                  and not getattr(cfg, "glu_linear_offset", 0.0))
         if not plain:
@@ -275,8 +237,12 @@ class KVCacheDecoder:
         h, bias = apply_linear(mlp.linear_fc1, x, linear=self.linear)
         if bias is not None:
             h = h + bias
-        gate, up = h.chunk(2, dim=-1)
-        return apply_linear(mlp.linear_fc2, F.silu(gate) * up, linear=self.linear)
+        if getattr(cfg, "use_te_activation_func", False) and not getattr(mlp.activation_func, "silu_glu", False):
+            act = mlp.activation_func(h)  # the spec's activation module, on the whole fc1 output
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return apply_linear(mlp.linear_fc2, act, linear=self.linear)
 
     def _layer(self, i: int, layer, hidden, cos, sin, start: int, mask, is_causal: bool):
         attn = layer.self_attention

@@ -29,8 +29,26 @@ def mask_padded_vocab(local_logits: torch.Tensor, vocab_size: int) -> torch.Tens
     return local_logits.masked_fill(ids >= vocab_size, PADDED_VOCAB_LOGIT)
 
 
+def fp32_masked_copy(local_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A private fp32 copy of ``local_logits [..., V/tp]`` with the TP-padding columns masked: exactly one copy
+    (the up-cast of bf16 logits, or a clone of fp32 ones), masked in place. Differentiable."""
+    logits = local_logits.float()
+    if logits.data_ptr() == local_logits.data_ptr():
+        logits = logits.clone()
+    per_rank = logits.shape[-1]
+    start = ps.get_tensor_model_parallel_rank() * per_rank
+    if start + per_rank > vocab_size:
+        ids = torch.arange(start, start + per_rank, device=logits.device)
+        logits.masked_fill_(ids >= vocab_size, PADDED_VOCAB_LOGIT)
+    return logits
+
+
 def next_token_nll(local_logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """-log p(labels[:, p] | prefix up to p) [b, s] from vocab-parallel logits [b, s, V/tp] (never gathered)."""
-    logits = mask_padded_vocab(local_logits.float(), vocab_size)
-    # megatron's kernel takes [s, b, v]; it works on its own copy of the logits
-    return vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), labels.t().contiguous()).t()
+    """-log p(labels | prefix) ``[...]`` from vocab-parallel logits ``[..., V/tp]`` (never gathered).
+
+    Any leading shape: ``[b, s]`` rows or a packed stream ``[1, T]``. megatron-core's vocab-parallel kernel
+    works in place on its input (shift, exp, normalise; the result is what it keeps for backward), so it is
+    given one private fp32 copy (:func:`fp32_masked_copy`) and the caller's logits stay intact: the logits a
+    micro-batch holds are the model output plus that one copy.
+    """
+    return vocab_parallel_cross_entropy(fp32_masked_copy(local_logits, vocab_size), labels)

@@ -121,9 +121,19 @@ def _adapter_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (normed * weight.float()).to(x.dtype)
 
 
+def lora_delta(module: torch.nn.Module, x: torch.Tensor):
+    """The adapter's term ``scale * B(A(x))`` of ``module``'s output for its input ``x`` (shaped like the
+    output), or None when ``module`` carries no adapter. The trainer's forward hook and the KV-cache decoder
+    (which applies the layer's product itself) both add exactly this."""
+    adapter = getattr(module, "lora", None)
+    if not isinstance(adapter, LoRAAdapter):
+        return None
+    return adapter(_adapter_input(module, x))
+
+
 def _lora_hook(module, args, output):
     out, bias = output
-    return out + module.lora(_adapter_input(module, args[0])), bias
+    return out + lora_delta(module, args[0]), bias
 
 
 def _sharded_state_dict_with_lora(self, prefix="", sharded_offsets=(), metadata=None):

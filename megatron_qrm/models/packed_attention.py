@@ -216,9 +216,115 @@ class _GatherRows(torch.autograd.Function):
         return out, None
 
 
+# --------------------------------------------------------------------------------------------------
+# torch's library kernels (the GPU path without Transformer Engine)
+# --------------------------------------------------------------------------------------------------
+
+
+def segment_ids(cu_seqlens: Tensor, total: int) -> Tensor:
+    """LongTensor ``[total]``: the segment each packed token belongs to."""
+    cu = cu_seqlens.to(torch.long)
+    return torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu[1:] - cu[:-1],
+                                   output_size=total)
+
+
+def ancestor_matrix(segment_parent: Tensor) -> Tensor:
+    """Bool ``[n_seg, n_seg]``: entry ``(a, b)`` is True when segment ``b`` is ``a`` or one of its ancestors
+    (parents come before their children, so one pass in order closes the relation)."""
+    parent = [int(p) for p in segment_parent.tolist()]
+    n = len(parent)
+    anc = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parent):  # a few segments per micro-batch
+        if p >= 0:
+            anc[i] |= anc[p]
+    return anc.to(segment_parent.device)
+
+
+def flex_block_mask(packed_seq_params: PackedSeqParams, total: int, device):
+    """FlexAttention ``BlockMask`` of a packed stream: causal within each segment (the document mask), and with
+    shared prefixes (:class:`PrefixSharingPackedSeqParams`) every key of an ancestor segment too (the prefix
+    tree): a token sees exactly what it sees in its own unpacked sequence. Cached on ``packed_seq_params``."""
+    cached = getattr(packed_seq_params, "_qrm_flex_mask", None)
+    if cached is not None and cached[0] == (total, str(device)):
+        return cached[1]
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids(packed_seq_params.cu_seqlens_q.to(device), total)
+    if shares_prefixes(packed_seq_params):
+        anc = ancestor_matrix(packed_seq_params.segment_parent).to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = (seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)
+            return same | ((seg[q_idx] != seg[kv_idx]) & anc[seg[q_idx], seg[kv_idx]])
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (seg[q_idx] == seg[kv_idx]) & (kv_idx <= q_idx)
+
+    # on a GPU the mask is built by a compiled kernel block by block (eager evaluation materialises t x t)
+    mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=total, KV_LEN=total, device=device,
+                             _compile=torch.device(device).type == "cuda")
+    setattr(packed_seq_params, "_qrm_flex_mask", ((total, str(device)), mask))
+    return mask
+
+
+_COMPILED_FLEX = None
+
+
+def flex_packed_attention(query: Tensor, key: Tensor, value: Tensor, packed_seq_params: PackedSeqParams,
+                          softmax_scale: float, compiled: bool = True) -> Tensor:
+    """Packed causal (or prefix-tree) attention with FlexAttention: ``query [t, np, hn]``, ``key``/``value
+    [t, ng, hn]`` -> ``[t, np * hn]``. ``compiled``: through ``torch.compile`` (FlexAttention's fused kernel;
+    eager FlexAttention materialises the ``t x t`` scores and is for reference only)."""
+    global _COMPILED_FLEX
+    from torch.nn.attention.flex_attention import flex_attention
+
+    t, np_, hn = query.shape
+    fn = flex_attention
+    if compiled:
+        if _COMPILED_FLEX is None:
+            # automatic dynamic shapes: the stream length changes every micro-batch; a static compile would
+            # recompile for each new length until dynamo's cache limit, then fall back to the eager kernel
+            _COMPILED_FLEX = torch.compile(flex_attention)
+        fn = _COMPILED_FLEX
+    mask = flex_block_mask(packed_seq_params, t, query.device)
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, heads, t, hn]
+    out = fn(q, k, v, block_mask=mask, scale=softmax_scale, enable_gqa=key.shape[1] != np_)
+    return out[0].transpose(0, 1).reshape(t, np_ * hn)
+
+
+def varlen_packed_attention(query: Tensor, key: Tensor, value: Tensor, packed_seq_params: PackedSeqParams,
+                            softmax_scale: float) -> Tensor:
+    """Packed causal attention with torch's ``varlen_attn`` (FlashAttention's varlen kernel; CUDA, fp16/bf16
+    only in torch 2.13): ``[t, np, hn]`` -> ``[t, np * hn]``."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    t, np_, hn = query.shape
+    cu = packed_seq_params.cu_seqlens_q.to(device=query.device, dtype=torch.int32)
+    m = int(packed_seq_params.max_seqlen_q) if packed_seq_params.max_seqlen_q is not None else int((cu[1:] - cu[:-1]).max())
+    # FlashAttention wants unit-stride rows; V is a strided slice of the fused QKV projection (a no-op otherwise)
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    out = varlen_attn(query, key, value, cu, cu, m, m, scale=softmax_scale, window_size=(-1, 0),
+                      enable_gqa=key.shape[1] != np_)
+    return out.reshape(t, np_ * hn)
+
+
+def library_kernel(query: Tensor, packed_seq_params: PackedSeqParams, dropout_p: float) -> Optional[str]:
+    """Which library kernel runs this packed attention: ``"varlen"`` (CUDA, fp16/bf16, no shared prefixes),
+    ``"flex"`` (CUDA otherwise), or None (CPU: the bucketed SDPA below measured faster there,
+    docs/benchmarks.md; or attention dropout, which neither library kernel applies)."""
+    if query.device.type != "cuda" or dropout_p > 0.0:
+        return None
+    if not shares_prefixes(packed_seq_params) and query.dtype in (torch.float16, torch.bfloat16):
+        return "varlen"
+    return "flex"
+
+
 def packed_causal_attention(query: Tensor, key: Tensor, value: Tensor, packed_seq_params: PackedSeqParams,
                             softmax_scale: float, dropout_p: float = 0.0, enable_gqa: Optional[bool] = None) -> Tensor:
-    """Causal attention within each packed sequence.
+    """Causal attention within each packed sequence (or along each branch of a prefix tree).
+
+    On a GPU (the local spec without Transformer Engine) torch's library kernels run it (:func:`library_kernel`:
+    ``varlen_attn``, FlexAttention); on CPU, and with attention dropout, the bucketed SDPA of this module.
 
     Args:
         query: ``[t, np, hn]``; key, value: ``[t, ng, hn]`` (``np`` a multiple of ``ng``).
@@ -231,6 +337,18 @@ def packed_causal_attention(query: Tensor, key: Tensor, value: Tensor, packed_se
     """
     if packed_seq_params.qkv_format not in (None, "thd"):
         raise ValueError(f"packed attention expects qkv_format 'thd', got {packed_seq_params.qkv_format!r}")
+    t, np_, hn = query.shape
+    kernel = library_kernel(query, packed_seq_params, dropout_p)
+    if kernel == "varlen":
+        return varlen_packed_attention(query, key, value, packed_seq_params, softmax_scale)
+    if kernel == "flex":
+        return flex_packed_attention(query, key, value, packed_seq_params, softmax_scale)
+    return bucketed_packed_attention(query, key, value, packed_seq_params, softmax_scale, dropout_p, enable_gqa)
+
+
+def bucketed_packed_attention(query: Tensor, key: Tensor, value: Tensor, packed_seq_params: PackedSeqParams,
+                              softmax_scale: float, dropout_p: float = 0.0, enable_gqa: Optional[bool] = None) -> Tensor:
+    """:func:`packed_causal_attention` as length-bucketed SDPA (the module docstring); any device."""
     t, np_, hn = query.shape
     layout = varlen_layout(packed_seq_params, query.device)
     if layout.padded_position.numel() != t:

@@ -26,6 +26,10 @@ from megatron_qrm.planning.params import (
     stage_parameters,
 )
 
+#: rl/kl.py's ENTROPY_CHUNK_TOKENS (not imported: this package stays free of torch; tests/test_planning.py
+#: checks they agree)
+ENTROPY_CHUNK_TOKENS = 512
+
 GiB = 1 << 30
 GB = 10**9
 
@@ -94,6 +98,9 @@ class PlanInput:
     rollout_batch_size: int = 3072
     samples_per_prompt: int = 1
     ppo_epochs: int = 1
+    #: the actor update's entropy bonus (``--entropy-coef``): > 0 adds the entropy's gradient of the logits; 0
+    #: computes the logged entropy under no_grad (either way a chunk of tokens at a time)
+    entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -286,7 +293,7 @@ def layer_activation_bytes_per_token(m: ModelConfig, i: PlanInput, *, lora_rank:
       DotProductAttention keeps Q, K and V expanded to every head, the output (``4h``) and the softmax
       ``a * s`` in fp32 (4 B; bf16 adds its bf16 copy: 6 B);
     * MLP (T): fc1's output (2f) and fc2's input (f) with the fused SwiGLU: ``3f``; the project's SwiGLU
-      function (CPU, ``models/swiglu.py``) also keeps ``silu(gate)``: ``4f``;
+      function (CPU, ``cpu/swiglu.py``) also keeps ``silu(gate)``: ``4f``;
     * LoRA: each adapter keeps its rank-r intermediate: ``4r`` per token, not split (TE: the adapters of qkv
       and fc1 re-normalise their input in fp32: + ``2 * (8h/t_sp + e*h)`` bytes);
     * selective recompute: the unfused core's saved tensors become the checkpoint inputs (``3h + 3kv``);
@@ -326,12 +333,19 @@ def final_activation_bytes_per_token(m: ModelConfig, i: PlanInput, role: str) ->
 
 
 def logits_bytes_per_token(m: ModelConfig, i: PlanInput, role: str) -> float:
-    """Policy head: the vocab-parallel softmax saved in fp32 (4 B) plus, at the peak, the logits (e) and their
-    fp32 working copy (4 B): ``(8 + e) V / t`` bytes per token. Reward/critic heads: negligible."""
+    """Policy head, per token: the logits the model outputs (e), the one fp32 copy megatron-core's
+    vocab-parallel cross-entropy works on and keeps (4 B: its softmax, which backward turns into the gradient
+    in place; :func:`megatron_qrm.models.logits.next_token_nll`) and, at the backward peak, the logits'
+    gradient (e): ``(4 + 2e) V / t``. The RL update computes these on the packed stream (no gathered
+    ``[N, S, V/t]`` copy, rl/update_batching.py); an entropy bonus (``entropy_coef > 0``) keeps nothing of
+    vocabulary size for backward (its backward recomputes the softmax a chunk at a time, rl/kl.py) but adds its
+    own gradient of the logits before autograd sums the two: ``+ e V / t``.
+    Reward/critic heads: negligible."""
     if role in SCORED_ROLES:
         return 0.0
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, i.tp)
-    return (8 + i.act_bytes) * vocab / i.tp
+    entropy = i.act_bytes if role == "policy" and i.role in ("ppo", "reinforce") and i.entropy_coef > 0 else 0
+    return (4 + 2 * i.act_bytes + entropy) * vocab / i.tp
 
 
 def training_activations(m: ModelConfig, i: PlanInput, role: str, lora_rank: int, stage: int,
@@ -354,6 +368,11 @@ def training_activations(m: ModelConfig, i: PlanInput, role: str, lora_rank: int
     # saved), plus -- under full recompute -- that layer's recomputed activations
     one_layer = layer_activation_bytes_per_token(m, i, lora_rank=lora_rank, recompute="none") * tokens
     workspace = one_layer * (2 if i.recompute == "full" else 1)
+    if last and role == "policy" and i.role in ("ppo", "reinforce"):
+        # the entropy (logged, or a bonus whose backward recomputes): 2 fp32 temporaries (+ a bool mask) of one
+        # chunk of tokens at a time (rl/kl.py)
+        vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, i.tp)
+        workspace = max(workspace, 9 * min(ENTROPY_CHUNK_TOKENS, tokens) * vocab / i.tp)
     if not i.flash and i.recompute != "selective":
         # megatron's global buffer for the [b*a/t, s, s] scores of the unfused attention
         workspace += sequences * (m.num_attention_heads // i.tp) * i.seq_length ** 2 * i.act_bytes

@@ -40,6 +40,8 @@ __all__ = [
     "kl_k3",
     "kl_penalty",
     "vocab_parallel_entropy",
+    "vocab_parallel_entropy_no_grad",
+    "vocab_parallel_entropy_recomputed",
     "vocab_parallel_full_kl",
 ]
 
@@ -56,8 +58,13 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _group_size(group: Optional[dist.ProcessGroup]) -> int:
-    if not (dist.is_available() and dist.is_initialized()):
+#: ``group`` of the unsharded functions (:func:`full_kl`, :func:`entropy_from_logits`): no collective at all. (With
+#: ``group=None`` torch.distributed means the whole world: in a multi-process run they summed over every rank.)
+_UNSHARDED = object()
+
+
+def _group_size(group) -> int:
+    if group is _UNSHARDED or not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
 
@@ -165,7 +172,7 @@ def full_kl(logits_actor: torch.Tensor, logits_ref: torch.Tensor) -> torch.Tenso
     """
     if logits_actor.shape != logits_ref.shape:
         raise ValueError(f"full_kl: shape mismatch {tuple(logits_actor.shape)} vs {tuple(logits_ref.shape)}")
-    return _kl_from_parts(logits_actor, logits_ref, group=None)
+    return _kl_from_parts(logits_actor, logits_ref, group=_UNSHARDED)
 
 
 def vocab_parallel_full_kl(
@@ -222,7 +229,7 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[...]`` float32 entropy; differentiable.
     """
-    return _entropy_from_parts(logits, group=None)
+    return _entropy_from_parts(logits, group=_UNSHARDED)
 
 
 def vocab_parallel_entropy(local_logits: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
@@ -237,6 +244,85 @@ def vocab_parallel_entropy(local_logits: torch.Tensor, group: Optional[dist.Proc
         :func:`vocab_parallel_full_kl`).
     """
     return _entropy_from_parts(local_logits, group)
+
+
+#: Tokens per chunk of the chunked entropy (:func:`vocab_parallel_entropy_no_grad`,
+#: :func:`vocab_parallel_entropy_recomputed`): at a 128k vocabulary one chunk's two fp32 temporaries are ~0.25 GB
+#: each (512 x 128,256 x 4 bytes), a fixed bound instead of a multiple of the logits.
+ENTROPY_CHUNK_TOKENS = 512
+
+
+def _chunk_parts(chunk: torch.Tensor, vocab_size: int, group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(d, e, S)`` of ``chunk [c, V/tp]``: the shifted fp32 logits ``d = z - max z`` (padded vocabulary masked;
+    -inf entries set to 0), ``e = exp(d)`` (0 where the logit was -inf) and the global ``S = sum e`` ``[c]``."""
+    from megatron_qrm.models.logits import fp32_masked_copy, mask_padded_vocab
+
+    if chunk.dtype == torch.float64:
+        d = mask_padded_vocab(chunk, vocab_size).clone()
+    else:
+        d = fp32_masked_copy(chunk, vocab_size)
+    d.sub_(_global_max(d, group))
+    e = torch.exp(d)  # exp(-inf) = 0 ...
+    d.masked_fill_(~torch.isfinite(d), 0.0)  # ... and 0 * d must be 0, not NaN (see _shifted_exp)
+    return d, e, _all_reduce_sum(e.sum(-1), group)
+
+
+@torch.no_grad()
+def vocab_parallel_entropy_no_grad(local_logits: torch.Tensor, vocab_size: int,
+                                   group: Optional[dist.ProcessGroup] = None,
+                                   chunk_tokens: int = ENTROPY_CHUNK_TOKENS) -> torch.Tensor:
+    """:func:`vocab_parallel_entropy` ``[...]`` of logits ``[..., V/tp]`` (any dtype; padded vocabulary columns,
+    global id >= ``vocab_size``, masked) for logging: no autograd graph, ``chunk_tokens`` positions at a time, two
+    fp32 temporaries per chunk: ``H = log S - A / S`` with ``S = sum exp(d)``, ``A = sum exp(d) d``. Every rank of
+    ``group`` runs the same chunks (the chunking depends on the shape only), so the collectives match."""
+    flat = local_logits.reshape(-1, local_logits.shape[-1])
+    out = torch.empty(flat.shape[0], dtype=torch.float64 if flat.dtype == torch.float64 else torch.float32,
+                      device=flat.device)
+    for start in range(0, flat.shape[0], chunk_tokens):
+        d, e, s = _chunk_parts(flat[start:start + chunk_tokens], vocab_size, group)
+        a = _all_reduce_sum(e.mul_(d).sum(-1), group)
+        out[start:start + chunk_tokens] = torch.log(s) - a / s
+    return out.reshape(local_logits.shape[:-1])
+
+
+class _RecomputedEntropy(torch.autograd.Function):
+    """Entropy whose backward recomputes the softmax from the logits a chunk at a time: nothing of vocabulary
+    size is saved but the logits themselves (alive anyway as the model output). ``dH/dz_v = -p_v (log p_v + H)``
+    with ``p`` the global softmax; ``H`` is replicated over the group, so each rank's slice of the gradient is
+    exact without a reduction (as for :func:`vocab_parallel_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, local_logits, vocab_size, group, chunk_tokens):  # type: ignore[override]
+        h = vocab_parallel_entropy_no_grad(local_logits, vocab_size, group, chunk_tokens)
+        ctx.save_for_backward(local_logits, h)
+        ctx.vocab_size, ctx.group, ctx.chunk_tokens = vocab_size, group, chunk_tokens
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):  # type: ignore[override]
+        local_logits, h = ctx.saved_tensors
+        flat = local_logits.reshape(-1, local_logits.shape[-1])
+        gh, hf = grad_h.reshape(-1), h.reshape(-1)
+        grad = torch.empty_like(flat)
+        with torch.no_grad():
+            for start in range(0, flat.shape[0], ctx.chunk_tokens):
+                stop = start + ctx.chunk_tokens
+                d, e, s = _chunk_parts(flat[start:stop], ctx.vocab_size, ctx.group)
+                # -p (log p + H) with p = e / S, log p = d - log S; entries with p = 0 (masked, -inf) get 0
+                d.sub_((torch.log(s) - hf[start:stop]).unsqueeze(-1))
+                g = e.div_(s.unsqueeze(-1)).mul_(d).mul_(-gh[start:stop].unsqueeze(-1))
+                grad[start:stop] = g.to(grad.dtype)
+        return grad.reshape(local_logits.shape), None, None, None
+
+
+def vocab_parallel_entropy_recomputed(local_logits: torch.Tensor, vocab_size: int,
+                                      group: Optional[dist.ProcessGroup] = None,
+                                      chunk_tokens: int = ENTROPY_CHUNK_TOKENS) -> torch.Tensor:
+    """:func:`vocab_parallel_entropy` ``[...]`` of logits ``[..., V/tp]`` (padded vocabulary masked) with autograd,
+    holding no vocabulary-sized tensor between forward and backward (an entropy bonus at a 128k vocabulary
+    otherwise keeps four fp32 copies of the logits); forward and backward work ``chunk_tokens`` positions at a
+    time."""
+    return _RecomputedEntropy.apply(local_logits, vocab_size, group, chunk_tokens)
 
 
 # --------------------------------------------------------------------------------------------------

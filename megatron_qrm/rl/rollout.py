@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.models import backend
 from megatron_qrm.models.kv_decode import KVCacheDecoder
 from megatron_qrm.options import option
 from megatron_qrm.rl.vocab_sampling import filter_logits, select_tokens
@@ -135,13 +136,6 @@ class FullRecomputeDecoder:
         return out[torch.arange(b, device=tokens.device), self.lens - 1]  # [B, V/tp]
 
 
-def _suspend_cpu_emulation():
-    """The decode loop creates no CUDA tensors: skip the CPU emulation's per-op hook there (cpu.py)."""
-    from megatron_qrm import cpu
-
-    return cpu.function_mode_suspended() if cpu.is_enabled() else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, eos_id: int, pad_id: int,
              vocab_size: int, max_length: int, seed: int = 0) -> Rollout:
@@ -185,7 +179,7 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, eo
     model.eval()
     if cfg.use_kv_cache:
         decoder = KVCacheDecoder(model, bsz, longest + steps, longest + steps + 1, dev)
-        suspend = _suspend_cpu_emulation()
+        suspend = backend.decode_context()
     else:
         decoder = FullRecomputeDecoder(model, bsz, longest + steps, dev)
         suspend = contextlib.nullcontext()

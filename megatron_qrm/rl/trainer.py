@@ -32,11 +32,12 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.data import PromptDataset
 from megatron_qrm.data.chat import resolve_chat_template
-from megatron_qrm.data.packing import unsupported_reason
+from megatron_qrm.data.packing import unpack
 from megatron_qrm.data.sampler import GlobalBatchSampler
 from megatron_qrm.errors import NonFiniteError
 from megatron_qrm.models import LoRAConfig
 from megatron_qrm.models.lora import lora_disabled
+from megatron_qrm.models.packing_support import unsupported_reason
 from megatron_qrm.rewards.losses import last_token_values
 from megatron_qrm.rl import advantages as adv
 from megatron_qrm.rl import losses as rl_losses
@@ -45,17 +46,20 @@ from megatron_qrm.rl.config import RLConfig
 from megatron_qrm.rl.estimators import ESTIMATORS, EstimatorInputs, EstimatorSettings
 from megatron_qrm.rl.experience import (
     head_scores,
-    mask_padded_vocab,
     policy_logprobs,
     policy_logprobs_and_full_kl,
     retokenize_for_reward,
     shift_right,
-    token_logprobs,
 )
-from megatron_qrm.rl.kl import kl_penalty, vocab_parallel_entropy
+from megatron_qrm.rl.kl import kl_penalty
 from megatron_qrm.rl.roles import build_roles, offload
 from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
-from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
+from megatron_qrm.rl.update_batching import (
+    token_entropy_rows,
+    token_logprobs_rows,
+    update_forward_step,
+    update_microbatches,
+)
 from megatron_qrm.training.checkpoint_record import checkpoint_record
 from megatron_qrm.training.engine import NonFiniteGuard
 from megatron_qrm.training.metrics_log import MetricsLogger
@@ -328,8 +332,12 @@ class RLTrainer:
         return totals
 
     def _actor_loss(self, output, batch):
+        """``output``: the actor's vocab-parallel logits as the model produced them (packed ``[1, T, V/tp]`` or
+        padded ``[N, S, V/tp]``); log-probs and entropy are computed on that layout and unpacked as ``[N, S]``
+        (rl/update_batching.py)."""
         cfg = self.cfg
-        logp = token_logprobs(output, batch["tokens"], self.tokenizer.vocab_size)
+        vocab = self.tokenizer.vocab_size
+        logp = token_logprobs_rows(output, batch, vocab)
         mask = batch["action_mask"]
         w = (rl_losses.truncated_is_weights(batch["logp_old"], batch["behaviour_logp"], mask, cfg.rollout_is_cap)
              if cfg.rollout_is_correction else None)  # --rollout-is-correction (rl/losses.py)
@@ -344,16 +352,16 @@ class RLTrainer:
                    "clipped_sum": out.stats.get("clip_frac", torch.zeros(())) * count,
                    "ratio_sum": out.stats.get("ratio_mean", torch.ones(())) * count,
                    "approx_kl_sum": out.stats.get("approx_kl", torch.zeros(())) * count}
-        # entropy of pi(.|s_t) at the state before each action, over vocab-parallel logits
-        ent = vocab_parallel_entropy(mask_padded_vocab(output.float(), self.tokenizer.vocab_size),
-                                     ps.get_tensor_model_parallel_group())
+        # entropy of pi(.|s_t) at the state before each action; without an entropy bonus only logged (no_grad)
+        ent = token_entropy_rows(output, batch, vocab, ps.get_tensor_model_parallel_group(),
+                                 grad=cfg.entropy_coef > 0)
         ent_sum = (shift_right(ent) * mask).sum()
         metrics["entropy_sum"] = ent_sum.detach()
         loss_sum = out.loss_sum - cfg.entropy_coef * ent_sum if cfg.entropy_coef > 0 else out.loss_sum
         return loss_sum, count.to(torch.int), metrics
 
     def _critic_loss(self, output, batch):
-        values = shift_right(output.squeeze(-1).float())  # V(s_t) for the action at p sits at p - 1
+        values = shift_right(unpack(output, batch).squeeze(-1).float())  # V(s_t) for the action at p sits at p - 1
         # --value-clip: PPO value clipping around the rollout-time values (the reference does not clip)
         out = rl_losses.value_loss(values, batch["returns"], batch["action_mask"], clip_eps=self.cfg.value_clip,
                                    values_old=batch.get("values") if self.cfg.value_clip is not None else None)

@@ -23,8 +23,8 @@ from megatron.core import parallel_state as ps
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset
 from megatron_qrm.data.packing import check_pack_capacity, plan_microbatches
-from megatron_qrm.data.packing import resolve_shared_prompts
 from megatron_qrm.data.preference import pair_microbatch
+from megatron_qrm.models.packing_support import resolve_shared_prompts
 from megatron_qrm.rewards.scoring import (
     METRIC_NAMES,
     RewardLossConfig,

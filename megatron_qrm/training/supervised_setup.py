@@ -19,7 +19,7 @@ from megatron_qrm import checkpointing
 from megatron_qrm.config import ModelConfig
 from megatron_qrm.data import load_tokenizer
 from megatron_qrm.data.chat import resolve_chat_template
-from megatron_qrm.data.packing import unsupported_reason
+from megatron_qrm.models.packing_support import unsupported_reason
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
 from megatron_qrm.models import PrecisionConfig, build_model, count_parameters
 from megatron_qrm.planning import check_fits

@@ -46,6 +46,9 @@ def swiglu(x: Tensor) -> Tensor:
 class SwiGLU(torch.nn.Module):
     """The MLP spec's ``activation_func`` module: ``[s, b, 2f] -> [s, b, f]`` (no parameters)."""
 
+    #: computes exactly ``silu(x[..., :f]) * x[..., f:]``: the KV-cache decoder may inline it (models/kv_decode.py)
+    silu_glu = True
+
     def __init__(self, config=None):
         super().__init__()
 
