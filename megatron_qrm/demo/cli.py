@@ -59,15 +59,15 @@ def demo_config_from_args(args, seed: int):
         cfg.algos = tuple(a.strip() for a in args.algos.split(",") if a.strip())
         bad = [a for a in cfg.algos if a not in ("ppo", "reinforce")]
         if bad:
-            raise ValueError(f"--algos: unknown {bad[0]!r} (ppo, reinforce)")
+            raise UserError(f"--algos: unknown {bad[0]!r} (ppo, reinforce)")
     if getattr(args, "reward_models", None):
         cfg.rm_kinds = tuple(a.strip() for a in args.reward_models.split(",") if a.strip())
         bad = [a for a in cfg.rm_kinds if a not in ("qrm", "orm", "dpo")]
         if bad:
-            raise ValueError(f"--reward-models: unknown {bad[0]!r} (qrm, orm, dpo)")
+            raise UserError(f"--reward-models: unknown {bad[0]!r} (qrm, orm, dpo)")
     cfg.pair_prompts = min(cfg.pair_prompts, cfg.n_rl_prompts)
     if cfg.rl_rollout % cfg.rl_global_batch or cfg.rl_global_batch % cfg.rl_micro_batch:
-        raise ValueError("--rl-global-batch must divide --rl-rollout and be a multiple of --rl-micro-batch")
+        raise UserError("--rl-global-batch must divide --rl-rollout and be a multiple of --rl-micro-batch")
     return cfg
 
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        from megatron_qrm.errors import print_error_line
+        from megatron_qrm.errors import UserError, print_error_line
 
         print_error_line(f"qrm {args.command}: error: {e}")
         return 2

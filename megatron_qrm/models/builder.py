@@ -25,6 +25,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.config import ROLES, ModelConfig, padded_vocab_size
 from megatron_qrm.models.lora import LoRAConfig, apply_lora
 from megatron_qrm.models.token_head import TokenHead
@@ -104,7 +105,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequen
     'full' (every layer keeps only its input; ``recompute_num_layers`` layers per uniform chunk)."""
     on_cpu = not torch.cuda.is_available()
     if recompute_granularity not in (None, "none", "selective", "full"):
-        raise ValueError(f"--recompute-granularity {recompute_granularity!r}: expected full or selective")
+        raise UserError(f"--recompute-granularity {recompute_granularity!r}: expected full or selective")
     recompute = None if recompute_granularity in (None, "none") else recompute_granularity
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -173,8 +174,8 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
         spec = with_swiglu(spec)
         tcfg.use_te_activation_func = True
     if tcfg.sequence_parallel and impl == "local" and not _have_apex_norm():
-        raise ValueError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
-                         "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")
+        raise UserError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
+                        "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
     scored = role in ("reward", "critic")

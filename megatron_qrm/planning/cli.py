@@ -27,7 +27,7 @@ def resolve_model(spec: str) -> tuple[ModelConfig, str]:
 
         cfg = read_config(spec)
         return ModelConfig.from_dict(cfg["model"]), os.path.basename(os.path.normpath(spec))
-    raise ValueError(f"{spec!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint directory")
+    raise UserError(f"{spec!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint directory")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,7 +87,7 @@ def plan_input_from_args(args) -> PlanInput:
     num_gpus = args.num_gpus
     if args.data_parallel_size is not None:
         if num_gpus is not None and num_gpus != tp * pp * args.data_parallel_size:
-            raise ValueError(f"--num-gpus {num_gpus} != TP {tp} x PP {pp} x DP {args.data_parallel_size}")
+            raise UserError(f"--num-gpus {num_gpus} != TP {tp} x PP {pp} x DP {args.data_parallel_size}")
         num_gpus = tp * pp * args.data_parallel_size
     rl = args.role in ("ppo", "reinforce")
     rm = rm_name = critic = None
@@ -116,7 +116,7 @@ def run_plan(args) -> int:
     try:
         plan = make_plan(plan_input_from_args(args), search=not args.no_search)
     except (ValueError, FileNotFoundError) as e:
-        from megatron_qrm.errors import print_error_line
+        from megatron_qrm.errors import UserError, print_error_line
 
         print_error_line(f"qrm plan: error: {e}")
         return 2

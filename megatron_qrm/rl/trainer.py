@@ -54,7 +54,7 @@ from megatron_qrm.rl.rollout import Rollout, SamplingConfig, generate
 from megatron_qrm.rl.update_batching import update_forward_step, update_microbatches
 from megatron_qrm.data.packing import unsupported_reason
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
-from megatron_qrm.errors import NonFiniteError
+from megatron_qrm.errors import NonFiniteError, UserError, UserFileNotFoundError
 from megatron_qrm.training.engine import (
     NonFiniteGuard,
     OptimConfig,
@@ -143,7 +143,7 @@ class Roles:
 
 def _read(path: str, what: str) -> dict:
     if not path or checkpointing.resolve_checkpoint(path) is None:
-        raise FileNotFoundError(f"{what} {path!r}: no complete checkpoint there")
+        raise UserFileNotFoundError(f"{what} {path!r}: no complete checkpoint there")
     return checkpointing.read_config(path)
 
 
@@ -186,7 +186,7 @@ def build_roles(cfg: RLConfig, actor_cfg: dict, rm_cfg: dict) -> Roles:
         reward.eval()
     if rm_cfg is not None and rm_kind == "dpo" and not rm_lora.enabled:
         if not cfg.dpo_reference:
-            raise ValueError("the DPO-RM was fully fine-tuned: pass --dpo-reference with its reference model")
+            raise UserError("the DPO-RM was fully fine-tuned: pass --dpo-reference with its reference model")
         reward_reference = build_model(rm_model_cfg, "policy", **kw)
         checkpointing.load_checkpoint(cfg.dpo_reference, reward_reference, load_rng=False,
                                       model_key_filter=lambda k: not is_lora_param(k))
@@ -263,16 +263,16 @@ class RLTrainer:
         cfg.actor_optim.check()
         cfg.critic_optim.check("--critic-lr")
         if cfg.value_clip is not None and not (cfg.value_clip > 0):
-            raise ValueError(f"--value-clip {cfg.value_clip}: must be positive")
+            raise UserError(f"--value-clip {cfg.value_clip}: must be positive")
         parallel.initialize(cfg.parallel)
         resume_dir = checkpointing.resolve_checkpoint(os.path.join(cfg.load, "actor")) if cfg.load else None
         if cfg.load and resume_dir is None and cfg.load != cfg.save:
-            raise FileNotFoundError(f"--load {cfg.load}: no RL checkpoint (expected {cfg.load}/actor/latest)")
+            raise UserFileNotFoundError(f"--load {cfg.load}: no RL checkpoint (expected {cfg.load}/actor/latest)")
         self.resume_dir = resume_dir
         if resume_dir is None:
             cfg.load = None
             if not cfg.actor:
-                raise ValueError("--actor-checkpoint (the initial policy) is required")
+                raise UserError("--actor-checkpoint (the initial policy) is required")
         # every checkpoint named by a flag is resolved ONCE: what is loaded, checked and recorded is the
         # same directory even while another run writes a newer `latest` there
         if cfg.actor:
@@ -284,11 +284,11 @@ class RLTrainer:
         if resume_dir and not cfg.actor:  # the reference (and an actor-initialised critic) start from it
             cfg.actor = actor_cfg.get("rl", {}).get("initial_actor")
             if not cfg.actor:
-                raise ValueError(f"--load {cfg.load}: the checkpoint does not record the initial policy; pass "
-                                 f"--actor-checkpoint")
+                raise UserError(f"--load {cfg.load}: the checkpoint does not record the initial policy; pass "
+                                f"--actor-checkpoint")
         if reward_fn is None:
             if cfg.reward_model is None:
-                raise ValueError("--reward-model is required")
+                raise UserError("--reward-model is required")
             rm_cfg = _read(cfg.reward_model, "--reward-model")
             self.rm_kind = rm_cfg.get("reward_loss", {}).get("kind", "qrm")
         else:
@@ -298,7 +298,7 @@ class RLTrainer:
 
         tok_path = cfg.tokenizer or actor_cfg.get("tokenizer")
         if not tok_path:
-            raise ValueError("--tokenizer is required: the actor checkpoint does not record one")
+            raise UserError("--tokenizer is required: the actor checkpoint does not record one")
         self.tokenizer = load_tokenizer(tok_path)
         self.tokenizer_path = tok_path
         self.tokenizer_change = check_tokenizer_identity(actor_cfg, self.tokenizer, tok_path, checkpoint=actor_src,
@@ -315,9 +315,9 @@ class RLTrainer:
                                      flag="the reward model's recorded tokenizer", allow_change=cfg.allow_tokenizer_change)
             if not _probe_tokenizers_match(self.tokenizer, other):
                 if not cfg.allow_retokenize:
-                    raise ValueError(f"the reward model's tokenizer ({rm_tok}) differs from the actor's ({tok_path}); "
-                                     f"its credits would not line up with the actor's tokens. Pass "
-                                     f"--allow-retokenize to accept it")
+                    raise UserError(f"the reward model's tokenizer ({rm_tok}) differs from the actor's ({tok_path}); "
+                                    f"its credits would not line up with the actor's tokens. Pass "
+                                    f"--allow-retokenize to accept it")
                 self.rm_tokenizer = other
                 self.rm_chat_template = bool(rm_cfg.get("chat_template", False))
                 self.rm_max_length = int(ModelConfig.from_dict(rm_cfg["model"]).max_position_embeddings)
@@ -328,29 +328,29 @@ class RLTrainer:
                     cfg.critic_init = "actor"
         if cfg.algo == "ppo" and cfg.critic_init == "checkpoint":
             if not cfg.critic_checkpoint:
-                raise ValueError("--critic-init checkpoint needs --critic-checkpoint")
+                raise UserError("--critic-init checkpoint needs --critic-checkpoint")
             _read(cfg.critic_checkpoint, "--critic-checkpoint")  # fail before building any model
         if cfg.algo == "reinforce":
             cfg.advantage = "returns"  # REINFORCE: standardised credits (Q-RM) or the sequence reward as returns
         elif cfg.advantage is None:
             cfg.advantage = "qrm" if self.rm_kind == "qrm" else "gae"
         if cfg.algo == "ppo" and cfg.advantage in ("qrm", "qrm-reference") and self.rm_kind != "qrm":
-            raise ValueError(f"--advantage {cfg.advantage} needs a Q-RM; the reward model is {self.rm_kind} "
-                             f"(use --advantage gae)")
+            raise UserError(f"--advantage {cfg.advantage} needs a Q-RM; the reward model is {self.rm_kind} "
+                            f"(use --advantage gae)")
 
         self.prompts = PromptDataset(dataclasses.replace(cfg.prompts, chat_template=resolve_chat_template(
             cfg.prompts.chat_template, self.tokenizer, actor_cfg)), self.tokenizer)
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         if cfg.rollout_batch_size % self.dp_size:
-            raise ValueError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by the "
-                             f"data-parallel size {self.dp_size}")
+            raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by the "
+                            f"data-parallel size {self.dp_size}")
         n_seq = cfg.rollout_batch_size * cfg.samples_per_prompt
         if n_seq % cfg.global_batch_size or cfg.global_batch_size % (cfg.micro_batch_size * self.dp_size):
-            raise ValueError(f"--global-batch-size {cfg.global_batch_size} must divide the rollout "
-                             f"({n_seq} sequences) and be a multiple of --micro-batch-size x data-parallel size")
+            raise UserError(f"--global-batch-size {cfg.global_batch_size} must divide the rollout "
+                            f"({n_seq} sequences) and be a multiple of --micro-batch-size x data-parallel size")
         if cfg.pack_sequences and cfg.pack_tokens is not None and cfg.pack_tokens < cfg.prompts.seq_length:
-            raise ValueError(f"--pack-tokens {cfg.pack_tokens} is smaller than --seq-length {cfg.prompts.seq_length} "
-                             "(a rollout row's longest); raise it or leave it unset")
+            raise UserError(f"--pack-tokens {cfg.pack_tokens} is smaller than --seq-length {cfg.prompts.seq_length} "
+                            "(a rollout row's longest); raise it or leave it unset")
         self.sampler = GlobalBatchSampler(len(self.prompts), cfg.rollout_batch_size,
                                           cfg.rollout_batch_size // self.dp_size, self.dp_rank, self.dp_size,
                                           seed=cfg.parallel.seed)
@@ -407,7 +407,7 @@ class RLTrainer:
         if r.critic is not None:
             critic_dir = os.path.join(self.cfg.load, "critic", checkpointing.iter_dir_name(self.state.iteration))
             if checkpointing.resolve_checkpoint(critic_dir) is None:
-                raise FileNotFoundError(f"--load {self.cfg.load}: critic checkpoint {critic_dir} is missing")
+                raise UserFileNotFoundError(f"--load {self.cfg.load}: critic checkpoint {critic_dir} is missing")
             checkpointing.load_checkpoint(critic_dir, r.critic, optimizer=r.critic_optimizer,
                                           scheduler=r.critic_scheduler, load_rng=False)
 

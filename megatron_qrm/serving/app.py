@@ -26,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from starlette.requests import ClientDisconnect
 
 from megatron_qrm.serving.batcher import DynamicBatcher
 from megatron_qrm.serving.encoding import EncodedItem, ItemTooLong, RequestEncoder, split_query
@@ -270,7 +271,11 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
 
 class GuardMiddleware:
     """ASGI middleware (plain, no per-request task or stream: it sits on every request's path): the bearer
-    key check (every path but ``/health``), and the request counters, errors and latency of every answer."""
+    key check (every path but ``/health``), and the request counters, errors and latency of every answer.
+
+    A client that disconnects before its body has arrived (starlette's ``ClientDisconnect``) is not a server
+    error: nothing can be answered, no traceback is logged, and it is counted in
+    ``qrm_client_disconnects_total`` (not as a 500)."""
 
     def __init__(self, app, metrics: ServerMetrics, api_key: Optional[str], endpoints: set[str]):
         self.app, self.metrics, self.endpoints = app, metrics, endpoints
@@ -290,6 +295,7 @@ class GuardMiddleware:
             await send(message)
 
         self.metrics.in_flight.inc()
+        gone = False
         try:
             if self.expected is not None and path != "/health":
                 given = dict(scope["headers"]).get(b"authorization", b"")
@@ -298,6 +304,11 @@ class GuardMiddleware:
                                                "header is required (--api-key)")
                     return await response(scope, receive, send_status)
             await self.app(scope, receive, send_status)
+        except ClientDisconnect:
+            gone = True  # the client hung up mid-body: no one to answer
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.observe_request(path, status, time.perf_counter() - t0)
+            if gone:
+                self.metrics.client_disconnects.labels(path).inc()
+            else:
+                self.metrics.observe_request(path, status, time.perf_counter() - t0)

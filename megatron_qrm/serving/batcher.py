@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.serving.encoding import EncodedItem
 from megatron_qrm.serving.metrics import ServerMetrics
 
@@ -46,9 +47,9 @@ class DynamicBatcher:
     def __init__(self, score_fn: ScoreFn, max_batch_tokens: int, max_wait_ms: float,
                  metrics: Optional[ServerMetrics] = None):
         if max_batch_tokens < 1:
-            raise ValueError(f"--max-batch-tokens must be positive, got {max_batch_tokens}")
+            raise UserError(f"--max-batch-tokens must be positive, got {max_batch_tokens}")
         if max_wait_ms < 0:
-            raise ValueError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+            raise UserError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
         self.score_fn = score_fn
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0

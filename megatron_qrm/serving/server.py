@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.config import ParallelConfig
 
 log = logging.getLogger("megatron_qrm")
@@ -37,7 +38,8 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     max_items: int = 256
     api_key: Optional[str] = None
-    graceful_timeout_s: float = 60.0
+    # SIGTERM: seconds to wait for requests in flight before closing what is left (stalled clients)
+    graceful_timeout_s: float = 10.0
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -100,7 +102,7 @@ def serve(cfg: ServeConfig) -> int:
         scorer.stop()
     thread.join()
     if not server.started:
-        raise ValueError(f"--host {cfg.host} --port {cfg.port}: the HTTP server could not start (see above)")
+        raise UserError(f"--host {cfg.host} --port {cfg.port}: the HTTP server could not start (see above)")
     log.info("qrm serve: stopped")
     return 0
 

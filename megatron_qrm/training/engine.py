@@ -17,7 +17,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_qrm.errors import NonFiniteError
+from megatron_qrm.errors import NonFiniteError, UserError
 
 log = logging.getLogger("megatron_qrm")
 
@@ -36,6 +36,10 @@ class OptimConfig:
     clip_grad: float = 1.0  # 0 disables clipping
     use_distributed_optimizer: bool = True
     bf16: bool = False
+    # on resume, when the schedule flags differ from the checkpoint's (Megatron's flags): the flags win
+    # (override), the checkpoint wins silently (use_checkpoint), or neither: the checkpoint wins with a warning
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
     def check(self, lr_flag: str = "--lr") -> None:
         """Raise ``ValueError`` naming the flag of the first value torch's Adam would reject or overflow on.
@@ -46,7 +50,7 @@ class OptimConfig:
         fp32_max = 3.4028234663852886e38
 
         def bad(flag: str, value, why: str) -> None:
-            raise ValueError(f"{flag} {value}: {why}")
+            raise UserError(f"{flag} {value}: {why}")
 
         for flag, value in ((lr_flag, self.lr), ("--min-lr", self.min_lr), ("--weight-decay", self.weight_decay),
                             ("--clip-grad", self.clip_grad)):
@@ -113,7 +117,12 @@ def build_optimizer(ddp_model, opt: OptimConfig, train_iters: int):
         end_wd=opt.weight_decay,
         wd_incr_steps=max(decay_iters, 1),
         wd_incr_style="constant",
+        override_opt_param_scheduler=opt.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not opt.override_opt_param_scheduler,
     )
+    # --use-checkpoint-opt-param-scheduler given: keep the checkpoint's schedule without a warning
+    # (checkpointing.report_schedule_choice)
+    scheduler.qrm_use_checkpoint_flag = opt.use_checkpoint_opt_param_scheduler
     return optimizer, scheduler
 
 
@@ -183,6 +192,11 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+#: a checkpoint is refused when the largest weight magnitude exceeds this many times its value at the run's start
+#: (training changes it by small factors; one diverged update, e.g. --lr 1e20, by many orders of magnitude)
+MAX_WEIGHT_GROWTH = 1e4
+
+
 class NonFiniteGuard:
     """Skips optimizer steps whose loss or gradients are not finite, and stops a run that keeps producing them.
 
@@ -199,7 +213,7 @@ class NonFiniteGuard:
     def __init__(self, max_consecutive: int = 3, collapse_steps: int = 10, what: str = "step",
                  fault_offset: int = 0) -> None:
         if max_consecutive < 1:
-            raise ValueError(f"--max-nonfinite-steps {max_consecutive}: must be at least 1")
+            raise UserError(f"--max-nonfinite-steps {max_consecutive}: must be at least 1")
         self.max_consecutive = max_consecutive
         self.collapse_steps = collapse_steps
         self.what = what
@@ -211,10 +225,15 @@ class NonFiniteGuard:
         self._collapse_warned = False
         self._faults = _fault_steps()
         self._fault_offset = fault_offset
+        self.start_scale: Optional[float] = None  # largest |weight| before the run's first update
 
     def allow_step(self, step: int, loss: float, ddp, label: str = "") -> bool:
         """``step``: the number this optimizer step is logged under; ``loss``: the global-batch loss (any
         rank's copy: it is the same everywhere). Collective (every rank calls it)."""
+        if self.start_scale is None:  # before the run's first update: the weights it started from
+            from megatron_qrm import checkpointing
+
+            self.start_scale = checkpointing.weight_abs_max(ddp)
         if step + self._fault_offset in self._faults:
             for g in grad_buffers(ddp):
                 g.fill_(float("nan"))
@@ -236,6 +255,48 @@ class NonFiniteGuard:
                 f"{self.what} {step}: {what}loss or gradients not finite for {self.consecutive} optimizer steps "
                 f"in a row since {self.what} {self.first_bad} ({reason}); stopping without saving (the last "
                 f"checkpoint is untouched). Lower --lr, or raise --max-nonfinite-steps to tolerate more")
+        return False
+
+    def probe_outputs(self, step: int, ddp, forward_step: Callable, microbatch: dict,
+                      metric_names: Iterable[str], final: bool = False) -> bool:
+        """Whether the model as it is now (after ``step``'s update) may be saved: its outputs on ``microbatch``
+        are finite and its weights' scale is sane. Collective (every rank calls it).
+
+        A step's loss is computed before its update: an update to huge but finite weights (``--lr 1e20``)
+        passes every other check, yet the model then scores NaN. Before a checkpoint is written the trainer
+        runs one forward-only pass over a probe micro-batch (this rank's first of the last global batch) and
+        requires every metric sum (loss and scores, summed over ranks) to be finite. One batch can miss it
+        (a model whose weights are ~1e20 may still give finite, saturated scores on some inputs), so the
+        largest weight magnitude must also stay within :data:`MAX_WEIGHT_GROWTH` times its value at the
+        run's start: training moves weights by small factors, a diverged update by many orders of magnitude.
+        Failing either, :attr:`last_loss_finite` becomes False and nothing is saved. RNG states are restored
+        after the probe, so probing changes nothing a resumed run would see. ``final``: the run ends here;
+        such a model then stops it with :class:`~megatron_qrm.errors.NonFiniteError` (exit 3) rather than
+        ending "successfully" without its last checkpoint."""
+        from megatron_qrm import checkpointing
+
+        rng = checkpointing._rng_state()
+        with torch.no_grad():
+            outs = run_global_batch(ddp, forward_step, [microbatch], forward_only=True)
+        checkpointing._set_rng_state(rng)
+        sums = reduce_metric_sums(outs, metric_names)
+        bad = [k for k, v in sums.items() if not math.isfinite(v)]
+        scale = checkpointing.weight_abs_max(ddp)
+        why = None
+        if bad:
+            why = f"the model's outputs on a probe batch are not finite ({', '.join(bad)})"
+        elif self.start_scale is not None and not scale <= MAX_WEIGHT_GROWTH * max(self.start_scale, 1e-6):
+            why = (f"the largest weight magnitude grew from {self.start_scale:.3g} at the run's start to {scale:.3g} "
+                   f"(more than {MAX_WEIGHT_GROWTH:.0e} x)")
+        if why is None:
+            return True
+        self.last_loss_finite = False
+        self.first_bad = step if self.first_bad is None else self.first_bad
+        msg = f"{self.what} {step}: {why}: not saving; the last update diverged"
+        if final:
+            raise NonFiniteError(f"{msg}. The run ends without a checkpoint of it (the last one is untouched). "
+                                 "Lower --lr")
+        log.warning(msg)
         return False
 
     def after_step(self, step: int, grad_norm) -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.errors import UserError, UserFileNotFoundError
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset, pad_multiple_for
@@ -134,12 +135,12 @@ def _check_checkpoint_flags(cfg: RewardTrainConfig) -> None:
     if cfg.load and checkpointing.resolve_checkpoint(cfg.load):
         return
     if cfg.load and not cfg.pretrained_checkpoint and cfg.load != cfg.save:
-        raise FileNotFoundError(f"--load {cfg.load}: no complete checkpoint there (expected "
-                                f"{checkpointing.CONFIG_FILE} in it, or a `latest` file naming one)")
+        raise UserFileNotFoundError(f"--load {cfg.load}: no complete checkpoint there (expected "
+                                    f"{checkpointing.CONFIG_FILE} in it, or a `latest` file naming one)")
     if cfg.pretrained_checkpoint and not checkpointing.resolve_checkpoint(cfg.pretrained_checkpoint):
-        raise FileNotFoundError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint}: no complete checkpoint "
-                                f"there (expected {checkpointing.CONFIG_FILE} in it, or a `latest` file "
-                                "naming one)")
+        raise UserFileNotFoundError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint}: no complete checkpoint "
+                                    f"there (expected {checkpointing.CONFIG_FILE} in it, or a `latest` file "
+                                    "naming one)")
 
 
 def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
@@ -150,8 +151,8 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     model_cfg, tokenizer_path, saved, saved_from = resolve_model_and_tokenizer(cfg)
     check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
     if saved and cfg.load and saved.get("reward_loss", {}).get("kind", cfg.loss.kind) != cfg.loss.kind:
-        raise ValueError(f"--load {cfg.load} was trained with --reward-loss {saved['reward_loss']['kind']}, "
-                         f"not {cfg.loss.kind}")
+        raise UserError(f"--load {cfg.load} was trained with --reward-loss {saved['reward_loss']['kind']}, "
+                        f"not {cfg.loss.kind}")
     rank0 = parallel.is_rank0()
     # a resumed run starts at the checkpoint's iteration: the progress bar starts there and TensorBoard
     # drops the events a killed attempt logged past that checkpoint (the logger needs it at creation)
@@ -168,7 +169,7 @@ def train_reward_model(cfg: RewardTrainConfig) -> dict[str, float]:
     dataset = PreferenceDataset(cfg.data, tokenizer)
     logger.message(f"data {cfg.data.path}: {dataset.stats}")
     if len(dataset) == 0:
-        raise ValueError(f"--train-data {cfg.data.path}: no usable preference pairs ({dataset.stats})")
+        raise UserError(f"--train-data {cfg.data.path}: no usable preference pairs ({dataset.stats})")
     pad_multiple = pad_multiple_for(cfg.parallel.tensor_model_parallel_size, cfg.parallel.sequence_parallel)
     dp_rank, dp_size = _dp_info()
     sampler = GlobalBatchSampler(len(dataset), cfg.global_batch_size, cfg.micro_batch_size, dp_rank, dp_size,

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.errors import UserFileNotFoundError
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import check_parallel_layout
 from megatron_qrm.data import pad_multiple_for
@@ -88,7 +89,7 @@ def train_sft(cfg: SFTTrainConfig) -> dict[str, float]:
     state = checkpointing.TrainState()
     resume_dir = checkpointing.resolve_checkpoint(cfg.load) if cfg.load else None
     if cfg.load and resume_dir is None and not cfg.pretrained_checkpoint and cfg.load != cfg.save:
-        raise FileNotFoundError(f"--load {cfg.load}: no complete checkpoint there")
+        raise UserFileNotFoundError(f"--load {cfg.load}: no complete checkpoint there")
     if resume_dir:
         _, loaded = checkpointing.load_checkpoint(resume_dir, ddp, optimizer=optimizer, scheduler=scheduler)
         state = loaded or state
