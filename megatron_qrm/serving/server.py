@@ -2,8 +2,9 @@
 
 Rank 0: the scorer loads; uvicorn serves on a thread of its own while the main thread runs the dynamic
 batcher (the model stays on the thread that built it). SIGTERM / SIGINT tell uvicorn to stop accepting
-connections and to wait for the requests in flight, whose sequences the batcher keeps scoring; when uvicorn
-has returned, the batcher scores what is still queued, then releases the other ranks.
+connections and to wait for the requests in flight (at most ``--graceful-timeout`` seconds: a client stalled
+mid-body cannot hold the server), whose sequences the batcher keeps scoring without waiting for more; when
+uvicorn has returned, the batcher scores what is still queued, then releases the other ranks.
 The other ranks ignore SIGTERM/SIGINT (torchrun forwards them to every worker) and leave when rank 0
 releases them, so that no collective is cut in half.
 """
@@ -85,8 +86,10 @@ def serve(cfg: ServeConfig) -> int:
             batcher.stop()
 
     def request_exit(signum, frame) -> None:
-        log.info("qrm serve: %s: finishing the requests in flight", signal.Signals(signum).name)
+        log.info("qrm serve: %s: finishing the requests in flight (at most --graceful-timeout %g s)",
+                 signal.Signals(signum).name, cfg.graceful_timeout_s)
         server.should_exit = True
+        batcher.drain()  # queued sequences no longer wait --max-wait-ms for company
 
     signal.signal(signal.SIGTERM, request_exit)
     signal.signal(signal.SIGINT, request_exit)
