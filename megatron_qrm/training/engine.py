@@ -192,9 +192,11 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-#: a checkpoint is refused when the largest weight magnitude exceeds this many times its value at the run's start
-#: (training changes it by small factors; one diverged update, e.g. --lr 1e20, by many orders of magnitude)
-MAX_WEIGHT_GROWTH = 1e4
+def weight_overflow_limit(hidden_size: int) -> float:
+    """The largest |weight| whose products stay representable: two such weights over ``hidden_size`` terms
+    (a dot product, e.g. an attention score ``q . k``) reach ``w**2 * hidden_size``, which must stay below
+    float32's (and bfloat16's) maximum, 3.4e38. A model with a larger weight overflows on ordinary inputs."""
+    return math.sqrt(torch.finfo(torch.float32).max / max(int(hidden_size), 1))
 
 
 class NonFiniteGuard:
@@ -225,15 +227,10 @@ class NonFiniteGuard:
         self._collapse_warned = False
         self._faults = _fault_steps()
         self._fault_offset = fault_offset
-        self.start_scale: Optional[float] = None  # largest |weight| before the run's first update
 
     def allow_step(self, step: int, loss: float, ddp, label: str = "") -> bool:
         """``step``: the number this optimizer step is logged under; ``loss``: the global-batch loss (any
         rank's copy: it is the same everywhere). Collective (every rank calls it)."""
-        if self.start_scale is None:  # before the run's first update: the weights it started from
-            from megatron_qrm import checkpointing
-
-            self.start_scale = checkpointing.weight_abs_max(ddp)
         if step + self._fault_offset in self._faults:
             for g in grad_buffers(ddp):
                 g.fill_(float("nan"))
@@ -266,10 +263,11 @@ class NonFiniteGuard:
         passes every other check, yet the model then scores NaN. Before a checkpoint is written the trainer
         runs one forward-only pass over a probe micro-batch (this rank's first of the last global batch) and
         requires every metric sum (loss and scores, summed over ranks) to be finite. One batch can miss it
-        (a model whose weights are ~1e20 may still give finite, saturated scores on some inputs), so the
-        largest weight magnitude must also stay within :data:`MAX_WEIGHT_GROWTH` times its value at the
-        run's start: training moves weights by small factors, a diverged update by many orders of magnitude.
-        Failing either, :attr:`last_loss_finite` becomes False and nothing is saved. RNG states are restored
+        (a model whose weights are ~1e20 still gave finite, saturated scores on the batch it was updated on,
+        and NaN on every other), so the largest weight magnitude must also stay below
+        :func:`weight_overflow_limit` (~2e17 at hidden size 8192): beyond it, products of two weights overflow
+        float32/bfloat16 on ordinary inputs. (A collapsed but finite model, e.g. after ``--lr 1e6``, is saved:
+        its outputs are finite; the collapse is warned about.) Failing either, :attr:`last_loss_finite` becomes False and nothing is saved. RNG states are restored
         after the probe, so probing changes nothing a resumed run would see. ``final``: the run ends here;
         such a model then stops it with :class:`~megatron_qrm.errors.NonFiniteError` (exit 3) rather than
         ending "successfully" without its last checkpoint."""
@@ -282,12 +280,14 @@ class NonFiniteGuard:
         sums = reduce_metric_sums(outs, metric_names)
         bad = [k for k, v in sums.items() if not math.isfinite(v)]
         scale = checkpointing.weight_abs_max(ddp)
+        module = ddp.module if hasattr(ddp, "module") else ddp
+        limit = weight_overflow_limit(module.config.hidden_size)
         why = None
         if bad:
             why = f"the model's outputs on a probe batch are not finite ({', '.join(bad)})"
-        elif self.start_scale is not None and not scale <= MAX_WEIGHT_GROWTH * max(self.start_scale, 1e-6):
-            why = (f"the largest weight magnitude grew from {self.start_scale:.3g} at the run's start to {scale:.3g} "
-                   f"(more than {MAX_WEIGHT_GROWTH:.0e} x)")
+        elif not scale <= limit:
+            why = (f"its largest weight magnitude is {scale:.3g}, above {limit:.3g}, where products of two weights "
+                   "overflow float32")
         if why is None:
             return True
         self.last_loss_finite = False
