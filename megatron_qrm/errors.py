@@ -1,4 +1,10 @@
-"""How a user error reaches the terminal: one line on stderr, written in one piece.
+"""The project's exceptions and how they reach the terminal (docs/reliability.md "Exit status and error lines").
+
+:class:`UserError` (a bad flag, file, data line, checkpoint choice: exit 2) and :class:`RunAborted` (a run
+stopped on purpose: exit 3) are printed by ``qrm`` as one line ``qrm COMMAND: error: ...``; every other
+exception is a bug and keeps its traceback.
+
+A user error reaches the terminal as one line on stderr, written in one piece.
 
 Under torchrun every rank reports the same error. ``print(msg, file=sys.stderr)`` writes the text and
 the newline separately, so two ranks sharing a pipe can interleave into ``msg msg\\n\\n``. A single

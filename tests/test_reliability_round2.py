@@ -494,7 +494,16 @@ def test_rerun_of_the_same_command_resumes_from_latest(qrm_data, tiny_flags, tmp
 
 
 def test_slurm_examples_rely_on_rerun_resuming():
-    """The requeue path of examples/slurm: the stage script reruns one command line with --save and no
-    --load (the test above is what a requeued attempt does)."""
-    text = open(os.path.join(REPO, "examples", "slurm", "qrm_rm.sbatch")).read()
-    assert "resumes from" in text and "docs/reliability.md" in text
+    """The requeue path of examples/slurm: each attempt runs examples/run_qrm_70b.sh, whose train-rm and
+    train-ppo command lines carry --save and no --load (a requeued attempt is the rerun tested above)."""
+    script = open(os.path.join(REPO, "examples", "run_qrm_70b.sh")).read()
+    for command in ("train-rm", "train-ppo"):
+        start = script.index(f"-m megatron_qrm {command} ")
+        end = start
+        while script[end:script.index("\n", end)].rstrip().endswith("\\"):  # continued lines
+            end = script.index("\n", end) + 1
+        line = script[start:script.index("\n", end)]
+        assert "--save " in line and "--load " not in line, (command, line)
+    for sbatch in ("qrm_rm.sbatch", "qrm_ppo.sbatch"):
+        text = open(os.path.join(REPO, "examples", "slurm", sbatch)).read()
+        assert "run_qrm_70b.sh" in text and "docs/reliability.md" in text, sbatch
