@@ -11,9 +11,12 @@ A checkpoint is written under ``<name>.tmp`` and renamed only after every rank f
 ``latest`` is replaced with ``os.replace``; a run killed at any moment leaves the previous checkpoint
 as latest.
 
-Failure handling (docs: README "Failure handling"):
+Failure handling (docs/reliability.md):
 
-* a model with a non-finite weight is never saved (:class:`~megatron_qrm.errors.NonFiniteError`);
+* a model with a non-finite weight, or one so large that products of two weights overflow float32
+  (:func:`weight_overflow_limit`: after a diverged update, e.g. ``--lr 1e20``), is never saved
+  (:class:`~megatron_qrm.errors.NonFiniteError`); the trainers also probe the model's outputs before saving
+  (:meth:`megatron_qrm.training.engine.NonFiniteGuard.probe_outputs`);
 * a write that fails (no space, permissions) removes its ``.tmp`` directory, leaves ``latest`` alone and
   raises :class:`~megatron_qrm.errors.CheckpointWriteError` naming the cause and, for a full disk, the
   space needed and free;
@@ -247,6 +250,13 @@ def count_nonfinite(model) -> tuple[int, int, int]:
     return int(t[0]), int(t[1]), int(t[2])
 
 
+def weight_overflow_limit(hidden_size: int) -> float:
+    """The largest |weight| whose products stay representable: two such weights over ``hidden_size`` terms
+    (a dot product, e.g. an attention score ``q . k``) reach ``w**2 * hidden_size``, which must stay below
+    float32's (and bfloat16's) maximum, 3.4e38. A model with a larger weight overflows on ordinary inputs."""
+    return math.sqrt(torch.finfo(torch.float32).max / max(int(hidden_size), 1))
+
+
 def weight_abs_max(model) -> float:
     """Largest |weight| of ``model`` over its model-parallel (TP x PP) ranks (NaN if any weight is NaN).
     Collective over the model-parallel group."""
@@ -382,11 +392,17 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
     tmp = final + ".tmp"
     bad, total, trainable = count_nonfinite(model)
     expected_bytes = total * 4 + (trainable * 12 if optimizer is not None else 0)  # see estimate_checkpoint_bytes
-    if bad:
+    module = model.module if hasattr(model, "module") else model
+    hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+    scale = weight_abs_max(model) if hidden and not bad else 0.0
+    if bad or (hidden and scale > weight_overflow_limit(hidden)):
         marker = os.path.join(save_dir, LATEST_FILE)
         kept = open(marker).read().strip() if os.path.exists(marker) else "nothing"
-        raise NonFiniteError(f"iteration {iteration}: {bad:,} of {total:,} weights are not finite: not saving "
-                             f"{iter_dir_name(iteration)} (`latest` in {save_dir} still names {kept})")
+        what = (f"{bad:,} of {total:,} weights are not finite" if bad else
+                f"the largest weight magnitude is {scale:.3g}, where products of two weights overflow float32 "
+                f"(above {weight_overflow_limit(hidden):.3g})")
+        raise NonFiniteError(f"iteration {iteration}: {what}: not saving {iter_dir_name(iteration)} (`latest` in "
+                             f"{save_dir} still names {kept})")
     if dist.get_rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving

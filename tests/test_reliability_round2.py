@@ -42,7 +42,8 @@ TRAIN = ["--micro-batch-size", "4", "--global-batch-size", "4", "--no-tensorboar
 # [{"rc", "stdout", "stderr"}] to argv[2]. rc "exception" when an exception escaped main() (its traceback is
 # then in stderr). Patches:
 #   scale_weights_at_save=F  every save multiplies the model's weights by F first (finite, huge weights whose
-#                            outputs are not finite: the checkpoint the first row's old code wrote)
+#                            outputs are not finite: what the first row's old code saved)
+#   scale_weights_at_save_unchecked=F  the same, with checkpointing's weight-scale check off (an older version)
 #   internal_bug             the trainer raises a plain ValueError (a bug, not a user error)
 #   enospc_under=DIR         opening a file under DIR for writing succeeds but every write fails with ENOSPC
 #                            (used only where a small tmpfs cannot be mounted)
@@ -56,10 +57,14 @@ from megatron_qrm.cli import main
 def apply_patch(patch):
     undo = []
     kind, _, arg = (patch or "").partition("=")
-    if kind == "scale_weights_at_save":
+    if kind in ("scale_weights_at_save", "scale_weights_at_save_unchecked"):
         import torch
 
         real = checkpointing.save_checkpoint
+        if kind.endswith("_unchecked"):  # as an older version, without the weight-scale check
+            real_limit = checkpointing.weight_overflow_limit
+            checkpointing.weight_overflow_limit = lambda hidden: float("inf")
+            undo.append(lambda: setattr(checkpointing, "weight_overflow_limit", real_limit))
 
         def scaled(save_dir, iteration, model, *a, **k):
             with torch.no_grad():
@@ -225,8 +230,10 @@ def attacks(qrm_data, tiny_flags, tmp_path_factory, full_disk):
         # row 1: --lr 1e20 saves nothing; eval-rm on finite weights whose scores are NaN fails loud
         {"name": "lr_1e20", "argv": [*rm, "--lr", "1e20", "--train-iters", "12", "--save-interval", "1",
                                      "--save", d / "lr20"]},
-        {"name": "huge_weights", "argv": [*rm, "--train-iters", "1", "--save", d / "huge"],
+        {"name": "huge_refused", "argv": [*rm, "--train-iters", "1", "--save", d / "huge_refused"],
          "patch": "scale_weights_at_save=1e20"},
+        {"name": "huge_weights", "argv": [*rm, "--train-iters", "1", "--save", d / "huge"],
+         "patch": "scale_weights_at_save_unchecked=1e20"},
         {"name": "eval_nan", "argv": ["eval-rm", "--load", d / "huge", "--data", qrm_data.pairs,
                                       "--output", d / "nan_eval.json"]},
         # row 5: layouts the world size cannot take
@@ -273,6 +280,15 @@ def test_huge_lr_saves_nothing_whose_outputs_are_not_finite(attacks):
     assert not os.path.exists(save / "latest"), open(save / "latest").read()
     assert not [p for p in os.listdir(save) if p.startswith("iter_")], os.listdir(save)
     assert "iteration 1: not saving" in r["stdout"] + r["stderr"] and "probe batch" in r["stdout"] + r["stderr"]
+
+
+def test_save_refuses_weights_whose_products_overflow(attacks):
+    """The last line of defence, in checkpointing.save_checkpoint (every trainer, RL included): finite weights
+    of ~1e20 are not written."""
+    r = attacks["results"]["huge_refused"]
+    assert r["rc"] == 3, r["stderr"][-3000:]
+    assert "overflow float32" in _error_line(r, "train-rm")
+    assert not [p for p in os.listdir(attacks["dir"] / "huge_refused") if p.startswith("iter_")]
 
 
 def test_eval_with_nonfinite_scores_says_so_and_exits_nonzero(attacks):

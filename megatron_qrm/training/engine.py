@@ -192,13 +192,6 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def weight_overflow_limit(hidden_size: int) -> float:
-    """The largest |weight| whose products stay representable: two such weights over ``hidden_size`` terms
-    (a dot product, e.g. an attention score ``q . k``) reach ``w**2 * hidden_size``, which must stay below
-    float32's (and bfloat16's) maximum, 3.4e38. A model with a larger weight overflows on ordinary inputs."""
-    return math.sqrt(torch.finfo(torch.float32).max / max(int(hidden_size), 1))
-
-
 class NonFiniteGuard:
     """Skips optimizer steps whose loss or gradients are not finite, and stops a run that keeps producing them.
 
@@ -265,8 +258,8 @@ class NonFiniteGuard:
         requires every metric sum (loss and scores, summed over ranks) to be finite. One batch can miss it
         (a model whose weights are ~1e20 still gave finite, saturated scores on the batch it was updated on,
         and NaN on every other), so the largest weight magnitude must also stay below
-        :func:`weight_overflow_limit` (~2e17 at hidden size 8192): beyond it, products of two weights overflow
-        float32/bfloat16 on ordinary inputs. (A collapsed but finite model, e.g. after ``--lr 1e6``, is saved:
+        :func:`~megatron_qrm.checkpointing.weight_overflow_limit` (~2e17 at hidden size 8192): beyond it,
+        products of two weights overflow float32/bfloat16 on ordinary inputs. (A collapsed but finite model, e.g. after ``--lr 1e6``, is saved:
         its outputs are finite; the collapse is warned about.) Failing either, :attr:`last_loss_finite` becomes False and nothing is saved. RNG states are restored
         after the probe, so probing changes nothing a resumed run would see. ``final``: the run ends here;
         such a model then stops it with :class:`~megatron_qrm.errors.NonFiniteError` (exit 3) rather than
@@ -281,7 +274,7 @@ class NonFiniteGuard:
         bad = [k for k, v in sums.items() if not math.isfinite(v)]
         scale = checkpointing.weight_abs_max(ddp)
         module = ddp.module if hasattr(ddp, "module") else ddp
-        limit = weight_overflow_limit(module.config.hidden_size)
+        limit = checkpointing.weight_overflow_limit(module.config.hidden_size)
         why = None
         if bad:
             why = f"the model's outputs on a probe batch are not finite ({', '.join(bad)})"
