@@ -608,17 +608,19 @@ def rl_attacks(qrm_data, tiny_flags, tmp_path_factory):
     return {"dir": d, "results": _run_driver(d, commands)}
 
 
-def test_ppo_huge_lr_stops_before_the_diverged_update(rl_attacks, tmp_path):
-    """`train-ppo --lr 1e20`: iteration 1's update ruins the actor; iteration 2 stops (exit 3) before any update,
-    naming itself, instead of torch's `probability tensor contains either inf, nan` (or an update on NaNs)."""
+def test_ppo_huge_lr_stops_and_saves_nothing_diverged(rl_attacks, tmp_path):
+    """`train-ppo --lr 1e20`: iteration 1's update ruins the actor (finite weights of ~1e20, whose products
+    overflow); its checkpoint is refused (exit 3, issue 21) instead of becoming `latest`, and iteration 2 never
+    samples from it (the old failure: torch's `probability tensor contains either inf, nan`). A non-finite
+    rollout stopping before any update is test_rl_stops_before_any_update_on_nonfinite_rollout_tensors."""
     r = rl_attacks["results"]
     assert r["actor"]["rc"] == 0 and r["qrm"]["rc"] == 0
     assert r["ppo_lr20"]["rc"] == 3, r["ppo_lr20"]["stderr"][-3000:]
     line = _error_line(r["ppo_lr20"], "train-ppo")
-    assert line.startswith("qrm train-ppo: error: iteration 2:") and "before any update" in line
+    assert line.startswith("qrm train-ppo: error: iteration 1:") and "overflow float32" in line, line
     save = rl_attacks["dir"] / "ppo20" / "actor"
-    assert _latest(save) == "iter_0000001"
-    assert _weights_finite(str(save / "iter_0000001"), tmp_path)[0] == 0
+    assert not os.path.exists(save / "latest")
+    assert not [p for p in os.listdir(save) if p.startswith("iter_")] if os.path.isdir(save) else True
 
 
 def test_reinforce_nonfinite_step_stops_naming_the_iteration_and_resumes(rl_attacks):
