@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_qrm.errors import UserError
+
 #: size flags of `qrm demo`: DemoConfig field -> type (each is --field-name)
 _SIZE_FLAGS = {
     "n_sft": int, "n_rl_prompts": int, "n_heldout_prompts": int, "n_test": int, "num_layers": int,
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        from megatron_qrm.errors import UserError, print_error_line
+        from megatron_qrm.errors import print_error_line
 
         print_error_line(f"qrm {args.command}: error: {e}")
         return 2

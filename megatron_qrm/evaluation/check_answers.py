@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Iterator, Optional
 
-from megatron_qrm.errors import UserError
+from megatron_qrm.errors import UserError, UserFileNotFoundError
 from megatron_qrm.evaluation.answers import CHECKERS, MATH_BACKENDS, TASKS, judge, math_verify_available
 
 COMMAND = "check-answers"
@@ -201,7 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
-        from megatron_qrm.errors import UserError, UserFileNotFoundError, print_error_line
+        from megatron_qrm.errors import print_error_line
 
         print_error_line(f"qrm {COMMAND}: error: {e}")
         return 2

@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from megatron_qrm.config import MODEL_PRESETS, ModelConfig, preset
+from megatron_qrm.errors import UserError
 from megatron_qrm.planning.memory import GPUS, GiB, ROLES, PlanInput, format_plan, make_plan
 
 EXIT_FITS = 0
@@ -116,7 +117,7 @@ def run_plan(args) -> int:
     try:
         plan = make_plan(plan_input_from_args(args), search=not args.no_search)
     except (ValueError, FileNotFoundError) as e:
-        from megatron_qrm.errors import UserError, print_error_line
+        from megatron_qrm.errors import print_error_line
 
         print_error_line(f"qrm plan: error: {e}")
         return 2
