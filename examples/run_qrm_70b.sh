@@ -19,8 +19,8 @@
 #   examples/run_qrm_70b.sh                       # all three
 #
 # Every path and size below is an environment variable; the defaults are the paper's. Re-running a
-# stage resumes from its latest checkpoint (--load = --save), so a killed or requeued job loses at most
-# the steps since its last save. examples/slurm/ submits the same stages with sbatch.
+# stage resumes from its latest checkpoint (the same command with --save DIR resumes from DIR/latest,
+# docs/reliability.md), so a killed or requeued job loses at most the steps since its last save. examples/slurm/ submits the same stages with sbatch.
 set -euo pipefail
 
 usage() {
@@ -217,7 +217,7 @@ stage_rm() {
         --seq-length "$SEQ" --micro-batch-size "$RM_MICRO_BATCH" --global-batch-size "$RM_GLOBAL_BATCH" \
         "${RM_SP[@]}" "${PLAN_EXTRA[@]}"
     run "$TORCHRUN" "${TORCHRUN_ARGS[@]}" -m megatron_qrm train-rm \
-        --pretrained-checkpoint "$RM_BASE" --load "$RM_SAVE" --save "$RM_SAVE" \
+        --pretrained-checkpoint "$RM_BASE" --save "$RM_SAVE" \
         --tokenizer "$HF_RM" --train-data "$RM_DATA" --chat-template --seq-length "$SEQ" --skip-long-prompts \
         --reward-loss qrm --qrm-beta "$QRM_BETA" --qrm-gamma "$QRM_GAMMA" \
         --lora-rank "$LORA_RANK" \
@@ -257,7 +257,7 @@ stage_ppo() {
         --forward-micro-batch-size "$FORWARD_MICRO_BATCH" --train-iters "$PPO_ITERS" \
         --tensor-model-parallel-size "$PPO_TP" --pipeline-model-parallel-size "$PPO_PP" "${PPO_SP[@]}" "${COMMON[@]}" \
         "${offload[@]}" "${evaluation[@]}" \
-        --load "$PPO_SAVE" --save "$PPO_SAVE" --save-interval 1 --log-interval 1
+        --save "$PPO_SAVE" --save-interval 1 --log-interval 1
 }
 
 for stage in "${STAGES[@]}"; do

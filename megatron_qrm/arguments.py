@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from megatron_qrm.config import ModelConfig, ParallelConfig, preset
+from megatron_qrm.errors import UserError
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (omit when loading a checkpoint: it records its config)")
@@ -50,7 +51,7 @@ def model_config_from_args(args) -> Optional[ModelConfig]:
         return None
     missing = [f"--{k.replace('_', '-')}" for k in _SIZE_FLAGS if k not in given]
     if missing:
-        raise ValueError(f"without --model, the model size needs {', '.join(missing)}")
+        raise UserError(f"without --model, the model size needs {', '.join(missing)}")
     if "max_position_embeddings" not in given:
         given["max_position_embeddings"] = max(getattr(args, "seq_length", 0) or 0, 4096)
     return ModelConfig(**given)
@@ -76,9 +77,9 @@ def use_bf16(args) -> bool:
 
     bf16, fp32 = args.bf16, args.fp32
     if bf16 and fp32:
-        raise ValueError("--bf16 and --fp32 are exclusive")
+        raise UserError("--bf16 and --fp32 are exclusive")
     if bf16 and not torch.cuda.is_available():
-        raise ValueError("--bf16 needs a GPU; on CPU training runs in fp32")
+        raise UserError("--bf16 needs a GPU; on CPU training runs in fp32")
     return bf16 or (torch.cuda.is_available() and not fp32)
 
 
@@ -135,7 +136,22 @@ def add_training_args(p: argparse.ArgumentParser, unit: str) -> None:
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
     g.add_argument("--no-distributed-optimizer", action="store_true",
                    help="replicate optimizer state instead of sharding it across data-parallel ranks")
+    add_scheduler_resume_args(g)
     add_failure_args(g)
+
+
+def add_scheduler_resume_args(g) -> None:
+    """Which learning-rate schedule a resumed run follows when the flags differ from the checkpoint's
+    (Megatron's flags; both spellings accepted). Neither: the checkpoint's, with one warning line."""
+    s = g.add_mutually_exclusive_group()
+    s.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="on resume, use --lr / --min-lr / --lr-warmup-iters / --lr-decay-* / --weight-decay as given, "
+                        "not the checkpoint's")
+    s.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's learning-rate schedule whatever the flags say (the "
+                        "default too, but with a warning when they differ)")
 
 
 def add_packing_args(p: argparse.ArgumentParser, group_by_length: bool = True, shared_prompts: bool = False) -> None:
@@ -198,14 +214,99 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 def optim_config_from_args(args, bf16: bool):
     from megatron_qrm.training.engine import OptimConfig
 
-    for flag in ("micro_batch_size", "global_batch_size", "train_iters"):
-        if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     return OptimConfig(lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
                        lr_decay_style=args.lr_decay_style, lr_decay_iters=args.lr_decay_iters,
                        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
                        adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-                       use_distributed_optimizer=not args.no_distributed_optimizer, bf16=bf16)
+                       use_distributed_optimizer=not args.no_distributed_optimizer, bf16=bf16,
+                       override_opt_param_scheduler=args.override_opt_param_scheduler,
+                       use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+
+
+# ----------------------------------------------------------------------------- numeric flags
+# One rule per numeric flag (argparse ``dest``), checked for every subcommand right after parsing, before any
+# work. Table-driven so that it can move next to config dataclass fields later; a flag that is None (not given)
+# is not checked. tests/test_reliability_round2.py fails when a numeric flag of any subcommand has no rule.
+POSITIVE_INT, NON_NEGATIVE_INT = "positive integer", "integer >= 0"
+POSITIVE, NON_NEGATIVE = "finite number > 0", "finite number >= 0"
+UNIT_OPEN, UNIT_CLOSED, UNIT_POSITIVE = "[0, 1)", "[0, 1]", "(0, 1]"
+SEED, PORT = "seed", "port"
+_RULE_TEXT = {POSITIVE_INT: "must be a positive integer", NON_NEGATIVE_INT: "must be an integer >= 0",
+              POSITIVE: "must be a finite number > 0", NON_NEGATIVE: "must be a finite number >= 0",
+              UNIT_OPEN: "must be in [0, 1)", UNIT_CLOSED: "must be in [0, 1]", UNIT_POSITIVE: "must be in (0, 1]",
+              SEED: "must be an integer in [0, 2**32)", PORT: "must be in 0..65535"}
+
+
+def _rule_holds(rule: str, v: float) -> bool:
+    import math
+
+    if not math.isfinite(v):
+        return False
+    return {POSITIVE_INT: v >= 1, NON_NEGATIVE_INT: v >= 0, POSITIVE: v > 0, NON_NEGATIVE: v >= 0,
+            UNIT_OPEN: 0 <= v < 1, UNIT_CLOSED: 0 <= v <= 1, UNIT_POSITIVE: 0 < v <= 1,
+            SEED: 0 <= v < 2 ** 32, PORT: 0 <= v <= 65535}[rule]
+
+
+NUMERIC_FLAG_RULES: dict[str, str] = {
+    # sizes, counts, intervals: 0 or less means nothing
+    **dict.fromkeys((
+        "seq_length", "micro_batch_size", "global_batch_size", "train_iters", "save_interval", "keep_last",
+        "exit_interval", "log_interval", "eval_interval", "lr_decay_iters", "max_nonfinite_steps", "pack_tokens",
+        "max_pairs", "max_examples", "max_prompts", "eval_max_prompts", "max_pairs_per_prompt", "max_new_tokens",
+        "batch_size", "forward_micro_batch_size", "generation_batch_size", "rollout_batch_size", "samples_per_prompt",
+        "ppo_epochs", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+        "vocab_size", "max_position_embeddings", "recompute_num_layers", "tensor_model_parallel_size",
+        "pipeline_model_parallel_size", "data_parallel_size", "num_gpus", "prompt_length", "max_batch_tokens",
+        "max_body_bytes", "max_items", "pass_at_k", "seeds", "max_steps", "n_sft", "n_rl_prompts", "pair_prompts",
+        "rm_batch", "rm_iters", "sft_iters", "rl_iters", "rl_rollout", "rl_global_batch", "rl_micro_batch"),
+        POSITIVE_INT),
+    # 0 is meaningful (off / none)
+    **dict.fromkeys(("lora_rank", "critic_lora_rank", "reward_lora_rank", "lr_warmup_iters", "samples", "top_k",
+                     "n_test", "n_heldout_prompts", "eval_samples"), NON_NEGATIVE_INT),
+    # rates and coefficients where 0 means "off"
+    **dict.fromkeys(("lr", "min_lr", "critic_lr", "weight_decay", "clip_grad", "entropy_coef", "kl_coef",
+                     "value_coef", "qrm_beta", "qrm_gamma", "max_wait_ms", "reserve_gb", "temperature", "sft_lr",
+                     "rm_lr", "qrm_lr", "ppo_lr", "reinforce_lr"), NON_NEGATIVE),
+    **dict.fromkeys(("adam_eps", "lora_alpha", "norm_epsilon", "rotary_base", "rope_scaling_factor", "gpu_memory_gb",
+                     "dpo_beta", "clip_eps", "value_clip", "graceful_timeout"), POSITIVE),
+    **dict.fromkeys(("adam_beta1", "adam_beta2"), UNIT_OPEN),
+    **dict.fromkeys(("gamma", "lam", "flaw_rate"), UNIT_CLOSED),
+    **dict.fromkeys(("top_p", "mfu"), UNIT_POSITIVE),
+    "seed": SEED,
+    "port": PORT,
+}
+
+
+def check_numeric_flags(args, rules: Optional[dict[str, str]] = None) -> None:
+    """Raise :class:`~megatron_qrm.errors.UserError` naming the first numeric flag whose value its rule in
+    ``rules`` (default :data:`NUMERIC_FLAG_RULES`) refuses: zero, negative or non-finite where meaningless."""
+    for dest, rule in (rules or NUMERIC_FLAG_RULES).items():
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not _rule_holds(rule, float(v)):
+                raise UserError(f"--{dest.replace('_', '-')} {v}: {_RULE_TEXT[rule]}")
+
+
+def default_load_to_save(args) -> None:
+    """``--save DIR`` without ``--load``, DIR already holding a checkpoint: resume from it (``args.load = DIR``),
+    with one line saying so. A requeued SLURM job reruns the identical command and continues; nothing in DIR
+    is overwritten. (docs/reliability.md "Rerunning a command")"""
+    if not getattr(args, "save", None) or not hasattr(args, "load") or args.load is not None:
+        return
+    save = args.save
+    from megatron_qrm import checkpointing
+
+    # supervised trainers save into DIR itself; RL into DIR/actor (and DIR/critic)
+    found = checkpointing.resolve_checkpoint(save) or checkpointing.resolve_checkpoint(os.path.join(save, "actor"))
+    if found is None:
+        return
+    args.load = save
+    if int(os.environ.get("RANK", "0")) == 0:
+        logging.getLogger("megatron_qrm").info(
+            f"resuming from {found} (--save {save} holds a checkpoint and no --load was given; "
+            "use a new --save directory to start over)")
 
 
 def lora_config_from_args(args):

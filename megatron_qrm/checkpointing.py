@@ -11,9 +11,12 @@ A checkpoint is written under ``<name>.tmp`` and renamed only after every rank f
 ``latest`` is replaced with ``os.replace``; a run killed at any moment leaves the previous checkpoint
 as latest.
 
-Failure handling (docs: README "Failure handling"):
+Failure handling (docs/reliability.md):
 
-* a model with a non-finite weight is never saved (:class:`~megatron_qrm.errors.NonFiniteError`);
+* a model with a non-finite weight, or one so large that products of two weights overflow float32
+  (:func:`weight_overflow_limit`: after a diverged update, e.g. ``--lr 1e20``), is never saved
+  (:class:`~megatron_qrm.errors.NonFiniteError`); the trainers also probe the model's outputs before saving
+  (:meth:`megatron_qrm.training.engine.NonFiniteGuard.probe_outputs`);
 * a write that fails (no space, permissions) removes its ``.tmp`` directory, leaves ``latest`` alone and
   raises :class:`~megatron_qrm.errors.CheckpointWriteError` naming the cause and, for a full disk, the
   space needed and free;
@@ -52,7 +55,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from megatron_qrm import compat
-from megatron_qrm.errors import CheckpointWriteError, NonFiniteError
+from megatron_qrm.errors import CheckpointWriteError, NonFiniteError, OutputWriteError, UserError, UserFileNotFoundError
 
 CONFIG_FILE = "qrm_config.json"
 # Optimizer state as per-bucket shards: parallel save/load; resuming with another DP size works, with
@@ -98,8 +101,8 @@ def resolve_or_fail(path: str, flag: str = "--load") -> str:
     """
     resolved = resolve_checkpoint(path)
     if resolved is None:
-        raise FileNotFoundError(f"{flag} {path}: no complete checkpoint there (expected {CONFIG_FILE} in it, or a "
-                                f"`{LATEST_FILE}` file naming one)")
+        raise UserFileNotFoundError(f"{flag} {path}: no complete checkpoint there (expected {CONFIG_FILE} in it, or a "
+                                    f"`{LATEST_FILE}` file naming one)")
     return resolved
 
 
@@ -121,8 +124,8 @@ def check_size_flags(given, saved: dict[str, Any], source: str) -> None:
             continue
         differs = bool(mine) != theirs if isinstance(theirs, bool) else mine != theirs
         if differs:
-            raise ValueError(f"{flag} {mine} conflicts with the checkpoint ({source}), whose model has "
-                             f"{field_name} = {theirs}; drop the size flags to use the checkpoint's model")
+            raise UserError(f"{flag} {mine} conflicts with the checkpoint ({source}), whose model has "
+                            f"{field_name} = {theirs}; drop the size flags to use the checkpoint's model")
 
 
 def tokenizer_record(tokenizer, tokenizer_path: str, saved: Optional[dict[str, Any]],
@@ -147,8 +150,8 @@ def read_config(ckpt_dir: str) -> dict[str, Any]:
     """The ``qrm_config.json`` of a checkpoint (directory or save dir)."""
     resolved = resolve_checkpoint(ckpt_dir)
     if resolved is None:
-        raise FileNotFoundError(f"no complete checkpoint at {ckpt_dir!r} (--load): expected {CONFIG_FILE} "
-                                f"in it, or a `{LATEST_FILE}` file naming one")
+        raise UserFileNotFoundError(f"no complete checkpoint at {ckpt_dir!r} (--load): expected {CONFIG_FILE} "
+                                    f"in it, or a `{LATEST_FILE}` file naming one")
     with open(os.path.join(resolved, CONFIG_FILE)) as f:
         config = json.load(f)
     # A path recorded relative to the checkpoint (tools/convert_hf.py import copies the tokenizer into
@@ -247,6 +250,26 @@ def count_nonfinite(model) -> tuple[int, int, int]:
     return int(t[0]), int(t[1]), int(t[2])
 
 
+def weight_overflow_limit(hidden_size: int) -> float:
+    """The largest |weight| whose products stay representable: two such weights over ``hidden_size`` terms
+    (a dot product, e.g. an attention score ``q . k``) reach ``w**2 * hidden_size``, which must stay below
+    float32's (and bfloat16's) maximum, 3.4e38. A model with a larger weight overflows on ordinary inputs."""
+    return math.sqrt(torch.finfo(torch.float32).max / max(int(hidden_size), 1))
+
+
+def weight_abs_max(model) -> float:
+    """Largest |weight| of ``model`` over its model-parallel (TP x PP) ranks (NaN if any weight is NaN).
+    Collective over the model-parallel group."""
+    module = model.module if hasattr(model, "module") else model
+    maxima = [p.detach().abs().max().float() for p in module.parameters() if p.numel()]  # on the device: one sync
+    m = (torch.stack(maxima).max() if maxima else torch.zeros(())).double().cpu().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        from megatron_qrm import parallel
+
+        parallel.all_reduce_host(m, op=dist.ReduceOp.MAX, group=ps.get_model_parallel_group())
+    return float(m.item())
+
+
 def estimate_checkpoint_bytes(model_cfg, role: str, *, lora_rank: int = 0, bf16: bool = False,
                               with_optimizer: bool = True) -> int:
     """Bytes of one checkpoint: weights (bf16 or fp32, padded vocabulary) plus, when training, the optimizer
@@ -283,12 +306,37 @@ def preflight_save_dir(path: Optional[str], flag: str, needed_bytes: int = 0) ->
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"{flag} {path}: not writable ({e.strerror or e}); choose a writable directory") from None
+        raise UserError(f"{flag} {path}: not writable ({e.strerror or e}); choose a writable directory") from None
     if needed_bytes:
         free = _free_bytes(path)
         if free < needed_bytes:
-            raise ValueError(f"{flag} {path}: no space left on device for one checkpoint: needed ~{_gb(needed_bytes)}, "
-                             f"free {_gb(free)}")
+            raise UserError(f"{flag} {path}: no space left on device for one checkpoint: needed ~{_gb(needed_bytes)}, "
+                            f"free {_gb(free)}")
+
+
+def write_file_atomically(path: str, write, what: str) -> None:
+    """Write a result file whole or not at all, as checkpoints are: ``write(f)`` fills a temporary file beside
+    ``path`` (same file system), which is fsynced and renamed over ``path`` (``os.replace``, atomic). On any
+    ``OSError`` (a full disk, permissions) the temporary file is removed, ``path`` is left as it was, and
+    :class:`~megatron_qrm.errors.OutputWriteError` names ``what`` (e.g. ``--output``), the path and the cause.
+    """
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        cause = ("no space left on device" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                 else "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e)))
+        raise OutputWriteError(f"{what} {path}: could not be written: {cause}; nothing was written there") from None
 
 
 def _is_no_space(exc: BaseException) -> bool:
@@ -344,11 +392,17 @@ def save_checkpoint(save_dir: str, iteration: int, model, config: dict[str, Any]
     tmp = final + ".tmp"
     bad, total, trainable = count_nonfinite(model)
     expected_bytes = total * 4 + (trainable * 12 if optimizer is not None else 0)  # see estimate_checkpoint_bytes
-    if bad:
+    module = model.module if hasattr(model, "module") else model
+    hidden = getattr(getattr(module, "config", None), "hidden_size", None)
+    scale = weight_abs_max(model) if hidden and not bad else 0.0
+    if bad or (hidden and scale > weight_overflow_limit(hidden)):
         marker = os.path.join(save_dir, LATEST_FILE)
         kept = open(marker).read().strip() if os.path.exists(marker) else "nothing"
-        raise NonFiniteError(f"iteration {iteration}: {bad:,} of {total:,} weights are not finite: not saving "
-                             f"{iter_dir_name(iteration)} (`latest` in {save_dir} still names {kept})")
+        what = (f"{bad:,} of {total:,} weights are not finite" if bad else
+                f"the largest weight magnitude is {scale:.3g}, where products of two weights overflow float32 "
+                f"(above {weight_overflow_limit(hidden):.3g})")
+        raise NonFiniteError(f"iteration {iteration}: {what}: not saving {iter_dir_name(iteration)} (`latest` in "
+                             f"{save_dir} still names {kept})")
     if dist.get_rank() == 0:
         os.makedirs(save_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left over from a run killed while saving
@@ -431,8 +485,8 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
     """
     ckpt = resolve_checkpoint(load_dir)
     if ckpt is None:
-        raise FileNotFoundError(f"no complete checkpoint at {load_dir} (removed after it was chosen, e.g. pruned "
-                                "by a running trainer's --keep-last? run again to use the newest)")
+        raise UserFileNotFoundError(f"no complete checkpoint at {load_dir} (removed after it was chosen, e.g. pruned "
+                                    "by a running trainer's --keep-last? run again to use the newest)")
     model_sd = _model_sharded_state_dict(model)
     if model_key_filter is not None:
         model_sd = {k: v for k, v in model_sd.items() if model_key_filter(k)}
@@ -446,8 +500,8 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
         loaded = dist_checkpointing.load(request, ckpt)
     except (Exception, CheckpointException):
         if not _is_complete(ckpt):  # removed (e.g. pruned by a trainer's --keep-last) after it was chosen
-            raise FileNotFoundError(f"checkpoint {ckpt} was removed while it was being loaded (a running "
-                                    "trainer's --keep-last pruning it?); run again to use the newest") from None
+            raise UserFileNotFoundError(f"checkpoint {ckpt} was removed while it was being loaded (a running "
+                                        "trainer's --keep-last pruning it?); run again to use the newest") from None
         raise
     module = model.module if hasattr(model, "module") else model
     missing, unexpected = module.load_state_dict(loaded["model"], strict=False)
@@ -458,11 +512,64 @@ def load_checkpoint(load_dir: str, model, *, optimizer=None, scheduler=None, loa
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_adam_steps(optimizer, loaded["optimizer"])
     if scheduler is not None and "scheduler" in loaded:
+        report_schedule_choice(scheduler, loaded["scheduler"], ckpt)
         scheduler.load_state_dict(loaded["scheduler"])
+        if scheduler.override_opt_param_scheduler:
+            # megatron-core's scheduler takes each parameter group's own max_lr / min_lr (restored with the
+            # optimizer state, i.e. the checkpoint's) before its own: the flags' values go there too
+            for group in scheduler.optimizer.param_groups:
+                group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+            scheduler.step(increment=0)
     if load_rng and "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
     ts = loaded.get("train_state")
     return ckpt, (TrainState(**ts) if ts is not None else None)
+
+
+#: megatron-core OptimizerParamScheduler fields a resume compares with the checkpoint's, with their flags
+_SCHEDULE_FIELDS = (("max_lr", ("max_lr", "start_lr"), "--lr", "learning rate"),
+                    ("min_lr", ("min_lr",), "--min-lr", "minimum learning rate"),
+                    ("lr_warmup_steps", ("lr_warmup_steps", "warmup_steps", "warmup_iter"), "--lr-warmup-iters",
+                     "warmup iterations"),
+                    ("lr_decay_style", ("lr_decay_style", "decay_style"), "--lr-decay-style", "decay style"),
+                    ("lr_decay_steps", ("lr_decay_steps", "decay_steps", "end_iter"), "--lr-decay-iters (or "
+                     "--train-iters)", "decay iterations"),
+                    ("start_wd", ("start_wd",), "--weight-decay", "weight decay"))
+
+
+def report_schedule_choice(scheduler, saved: dict, ckpt: str) -> None:
+    """Say in one line which value wins where the learning-rate schedule of the flags differs from the
+    checkpoint's (Megatron's convention): ``--override-opt-param-scheduler``: the flags; otherwise the
+    checkpoint's (megatron-core's ``use_checkpoint_opt_param_scheduler``), silently only with
+    ``--use-checkpoint-opt-param-scheduler``. Decay iterations matter only to a decaying schedule (a longer
+    ``--train-iters`` on resume changes nothing under the constant default)."""
+    import logging
+
+    diffs = []
+    for attr, keys, flag, what in _SCHEDULE_FIELDS:
+        theirs = next((saved[k] for k in keys if k in saved), None)
+        mine = getattr(scheduler, attr, None)
+        if theirs is None or mine is None or mine == theirs:
+            continue
+        if attr == "lr_decay_steps" and scheduler.lr_decay_style == "constant" == saved.get("lr_decay_style",
+                                                                                              "constant"):
+            continue
+        diffs.append((flag, what, mine, theirs))
+    if not diffs or dist.get_rank() != 0:
+        return
+    flags = ", ".join(f"{flag} {mine}" for flag, _, mine, _ in diffs)
+    theirs = ", ".join(f"{what} {value}" for _, what, _, value in diffs)
+    log = logging.getLogger("megatron_qrm")
+    if scheduler.override_opt_param_scheduler:
+        log.info(f"resume: the flags' learning-rate schedule ({flags}) replaces the checkpoint's ({theirs}) "
+                 "(--override-opt-param-scheduler)")
+    elif scheduler.use_checkpoint_opt_param_scheduler and getattr(scheduler, "qrm_use_checkpoint_flag", False):
+        log.info(f"resume: the checkpoint's learning-rate schedule ({theirs}) is kept, not {flags} "
+                 "(--use-checkpoint-opt-param-scheduler)")
+    else:
+        log.warning(f"resume: the checkpoint's learning-rate schedule ({theirs} in {ckpt}) is kept, not {flags}; "
+                    "pass --override-opt-param-scheduler to use the flags' values "
+                    "(--use-checkpoint-opt-param-scheduler keeps the checkpoint's without this warning)")
 
 
 def _materialize_optimizer_state(optimizer) -> None:

@@ -26,6 +26,8 @@ from megatron_qrm.arguments import (
     add_lora_args,
     add_memory_args,
     add_checkpoint_args,
+    check_numeric_flags,
+    default_load_to_save,
     optim_config_from_args,
     lora_config_from_args,
     setup_logging,
@@ -33,6 +35,8 @@ from megatron_qrm.arguments import (
 )
 
 log = logging.getLogger("megatron_qrm")
+#: seconds the other ranks wait before exiting on an error that rank 0 alone reports (see :func:`main`)
+RANK0_ONLY_GRACE_S = 3.0
 
 
 # ----------------------------------------------------------------------------- train-rm
@@ -87,7 +91,7 @@ def run_train_rm(args) -> int:
     cfg = RewardTrainConfig(
         data=PreferenceDataConfig(path=args.data_path, instruction_field=args.instruction_field,
                                   chosen_field=args.chosen_field, rejected_field=args.rejected_field,
-                                  chat_template=args.chat_template, seq_length=args.seq_length or 1024,
+                                  chat_template=args.chat_template, seq_length=1024 if args.seq_length is None else args.seq_length,
                                   skip_long_prompts=args.skip_long_prompts, split=args.data_split,
                                   max_pairs=args.max_pairs, strict=args.strict_data),
         loss=RewardLossConfig(args.reward_loss, args.qrm_beta, args.qrm_gamma, args.dpo_beta),
@@ -259,21 +263,32 @@ def _subcommand(argv: list[str]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     args = build_parser(_subcommand(sys.argv[1:] if argv is None else argv)).parse_args(argv)
-    from megatron_qrm.errors import EXIT_ABORTED, EXIT_USER_ERROR, RunAborted
+    from megatron_qrm.errors import EXIT_ABORTED, EXIT_USER_ERROR, RunAborted, UserError
 
     try:
+        check_numeric_flags(args)  # zero / negative / non-finite values, before any work
+        default_load_to_save(args)  # a rerun of the same command (--save, no --load) resumes
         return args.func(args)
-    except (ValueError, FileNotFoundError, RunAborted) as e:  # DataError and PlanDoesNotFit are ValueErrors
-        # user errors (and runs stopped on purpose: non-finite training, a failed checkpoint write): one
-        # clear line naming the file:line, flag or step, no traceback; an open progress bar is closed
-        # first so that the message starts its own line
+    except (UserError, RunAborted) as e:
+        # user errors (a bad flag, file, data line: megatron_qrm.errors.UserError) and runs stopped on purpose
+        # (non-finite training, a failed write): one clear line naming the file:line, flag or step, no
+        # traceback. Any other exception is a bug and keeps its traceback. An open progress bar is closed
+        # first so that the message starts its own line.
         from tqdm import tqdm
 
         for bar in list(getattr(tqdm, "_instances", ())):
             bar.close()
         from megatron_qrm.errors import print_error_line
 
-        print_error_line(f"qrm {args.command}: error: {e}")
+        # an error every rank raises alike (a layout the world size cannot take) is printed by rank 0 only;
+        # the others linger a moment before exiting, because torchrun SIGTERMs the remaining ranks as soon as
+        # one exits, which could otherwise stop rank 0 before it has written the line
+        if getattr(e, "rank0_only", False) and int(os.environ.get("RANK", "0")) != 0:
+            import time
+
+            time.sleep(RANK0_ONLY_GRACE_S)
+        else:
+            print_error_line(f"qrm {args.command}: error: {e}")
         return EXIT_ABORTED if isinstance(e, RunAborted) else EXIT_USER_ERROR
     finally:
         if "megatron_qrm.parallel" in sys.modules:  # `qrm plan` never imports torch

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from megatron_qrm.errors import LayoutError, UserError
+
 ROLES = ("policy", "reward", "critic")
 
 
@@ -43,12 +45,12 @@ class ModelConfig:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise UserError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
                 f"{self.num_attention_heads}"
             )
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise UserError(
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                 f"--num-query-groups {self.num_query_groups}"
             )
@@ -113,7 +115,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """The :class:`ModelConfig` of a named preset, with explicit overrides (``None`` ignored)."""
     if name not in MODEL_PRESETS:
-        raise ValueError(f"--model {name!r} is not a known preset; choose from {', '.join(MODEL_PRESETS)}")
+        raise UserError(f"--model {name!r} is not a known preset; choose from {', '.join(MODEL_PRESETS)}")
     values = dict(MODEL_PRESETS[name])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return ModelConfig(**values)
@@ -131,26 +133,26 @@ def check_parallel_layout(model: ModelConfig, par: ParallelConfig, world_size: i
     """Fail early, naming the flag, when the layout cannot shard this model."""
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     if tp < 1 or pp < 1:
-        raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+        raise LayoutError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     if world_size % (tp * pp):
-        raise ValueError(
+        raise LayoutError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
             f"--pipeline-model-parallel-size {pp}"
         )
     if model.num_attention_heads % tp:
-        raise ValueError(
+        raise LayoutError(
             f"--tensor-model-parallel-size {tp} does not divide the number of attention heads "
             f"({model.num_attention_heads})"
         )
     if model.num_query_groups % tp:
-        raise ValueError(
+        raise LayoutError(
             f"--tensor-model-parallel-size {tp} does not divide the number of query groups "
             f"({model.num_query_groups}, --num-query-groups)"
         )
     if model.ffn_hidden_size % tp:
-        raise ValueError(f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {model.ffn_hidden_size}")
+        raise LayoutError(f"--tensor-model-parallel-size {tp} does not divide --ffn-hidden-size {model.ffn_hidden_size}")
     if model.num_layers % pp:
-        raise ValueError(
+        raise LayoutError(
             f"--pipeline-model-parallel-size {pp} does not divide --num-layers {model.num_layers}"
         )
 

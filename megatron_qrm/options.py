@@ -18,6 +18,8 @@ import types
 import typing
 from typing import Any, Callable, Optional
 
+from megatron_qrm.errors import UserError
+
 #: validity rules a field may name (``check=``): (test, what the error says the value must be)
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive": (lambda v: v > 0 and math.isfinite(v), "a positive number"),
@@ -129,6 +131,6 @@ def options_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
             value = _int_tuple(value)
         rule = f.metadata.get("check")
         if rule and value is not None and not CHECKS[rule][0](value):
-            raise ValueError(f"{_flag(f)} {value}: must be {CHECKS[rule][1]}")
+            raise UserError(f"{_flag(f)} {value}: must be {CHECKS[rule][1]}")
         values[f.name] = value
     return cls(**values)

@@ -71,8 +71,24 @@ def install_orphan_guards() -> None:
             os._exit(1)
 
 
+def check_world_size(par: ParallelConfig, world_size: int) -> None:
+    """Raise :class:`~megatron_qrm.errors.LayoutError` (printed by rank 0 only, exit 2) when ``-tp`` x ``-pp``
+    does not divide the number of processes. Checked before any process group exists, so that no rank is
+    left waiting in a collective for one that has already failed."""
+    from megatron_qrm.errors import LayoutError
+
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise LayoutError(f"--tensor-model-parallel-size {tp} / --pipeline-model-parallel-size {pp}: must be >= 1")
+    if world_size % (tp * pp):
+        raise LayoutError(f"--tensor-model-parallel-size {tp} x --pipeline-model-parallel-size {pp} = {tp * pp} "
+                          f"does not divide the world size {world_size} (the number of processes: torchrun "
+                          "--nproc_per_node x nodes)")
+
+
 def initialize(par: ParallelConfig) -> None:
     """Initialise torch.distributed (env:// from torchrun, or a 1-process group) and Megatron groups."""
+    check_world_size(par, dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1")))
     install_orphan_guards()
     from megatron_qrm import compat
 

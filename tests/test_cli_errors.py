@@ -112,8 +112,8 @@ def test_user_error(outcomes, name):
     command = case["argv"][0]
     lines = [line for line in proc.stderr.splitlines() if line.startswith(f"qrm {command}: error: ")]
     assert lines, f"no 'qrm {command}: error: ...' line on stderr\n{report}"
-    # one line per process (torchrun: one per rank, identical)
-    assert len(set(lines)) == 1 and len(lines) == case.get("nproc", 1), report
+    # one line (torchrun: a layout error, which every rank raises alike, is printed by rank 0 only)
+    assert len(lines) == 1, report
     missing = [s for s in case["expect"] if s not in lines[0]]
     assert not missing, f"error line lacks {missing}: {lines[0]}"
     assert "qrm " + command not in proc.stdout  # the message goes to stderr

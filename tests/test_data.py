@@ -214,7 +214,7 @@ def test_dataset_plain_prompts_match_reference(tmp_path, hf_tok, hf_ref, sp_tok,
         ds = PreferenceDataset(PreferenceDataConfig(path=path, seq_length=1024), tok)
         assert as_tuples(ds) == expected_pairs(RECORDS, ref, 1024)
         assert ds.stats == {"records": 4, "pairs": 4, "truncated": 0, "skipped_long_prompt": 0,
-                            "skipped_empty_response": 0, "skipped_identical": 0}
+                            "skipped_empty_response": 0, "skipped_identical": 0, "skipped_blank_lines": 0}
         assert ds.locations == [f"{path}:{i}" for i in range(1, 5)]
         assert ds[-1] == ds[3] and len(ds) == 4 and ds[1:3] == [ds[1], ds[2]]
         with pytest.raises(IndexError):
@@ -297,7 +297,7 @@ def test_long_prompt_is_an_error_or_skipped(tmp_path, hf_tok, hf_ref):
     )
     assert len(ds) == 2
     assert ds.stats == {"records": 3, "pairs": 2, "truncated": ds.stats["truncated"], "skipped_long_prompt": 1,
-                        "skipped_empty_response": 0, "skipped_identical": 0}
+                        "skipped_empty_response": 0, "skipped_identical": 0, "skipped_blank_lines": 3}
     assert ds.locations == [f"{path}:1", f"{path}:5"]
 
 

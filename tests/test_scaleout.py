@@ -468,14 +468,15 @@ def test_run_qrm_70b_dry_run_commands_parse(tmp_path):
     assert (rm.tensor_model_parallel_size, rm.lora_rank, rm.seq_length, rm.qrm_beta, rm.qrm_gamma, rm.lr) == \
         (8, 128, 1024, 0.2, 2.0, 1e-5)
     assert rm.bf16 and rm.reward_loss == "qrm" and rm.no_shuffle and rm.clip_grad == 0
-    assert rm.load == rm.save and rm.pretrained_checkpoint  # requeue-safe resume
+    # requeue-safe: --save without --load, so a rerun resumes from --save's latest (docs/reliability.md)
+    assert rm.save and rm.load is None and rm.pretrained_checkpoint
     assert rm.global_batch_size == 2 and rm.train_iters == 6  # 11 pairs, 2 per step (DP = 2 nodes)
     # the paper's PPO settings
     assert (ppo.rollout_batch_size, ppo.lr, ppo.clip_eps, ppo.kl_coef, ppo.kl_estimator) == \
         (3072, 5e-6, 0.2, 0.01, "full")
     assert ppo.critic_lora_rank == 128 and ppo.offload and ppo.eval_data == "test.jsonl"
     assert rm.sequence_parallel and not ppo.sequence_parallel
-    assert ppo.load == ppo.save and ppo.reward_model == rm.save
+    assert ppo.save and ppo.load is None and ppo.reward_model == rm.save  # a rerun resumes (docs/reliability.md)
     assert ppo.rollout_batch_size % ppo.global_batch_size == 0
     assert ppo.global_batch_size % (ppo.micro_batch_size * 2) == 0  # DP = 2
     # the plan lines go through the planner's parser (= `qrm plan`) and describe the same jobs
@@ -527,7 +528,7 @@ def test_sbatch_launches_one_torchrun_per_node_with_c10d(stage, tmp_path):
     assert (launch.nnodes, launch.rdzv_backend, launch.rdzv_endpoint, launch.rdzv_id) == \
         ("2", "c10d", "gpu-017:24242", "4242")
     assert launch.log_dir == str(tmp_path / "logs" / "attempt-1")  # logs per job and attempt
-    assert args.load == args.save  # a requeued job resumes from `latest`
+    assert args.save and args.load is None  # a requeued job reruns it and resumes from --save's `latest`
 
 
 def test_dockerfile_passes_hadolint():

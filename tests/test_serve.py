@@ -308,6 +308,80 @@ def test_metrics_count_requests_errors_batches_and_tokens(qrm_server, qrm_data):
     assert "qrm_tokens_per_second" in after
 
 
+# ---------------------------------------------------------------------------------------------- stalled / gone clients
+import socket  # noqa: E402
+
+
+def _half_body(url: str, path: str = "/v1/score", declared: int = 4000, sent: int = 100) -> socket.socket:
+    """A raw client that sends the headers of a ``declared``-byte JSON body and ``sent`` bytes of it."""
+    host, port = url.removeprefix("http://").split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {declared}\r\n\r\n")
+    s.sendall(head.encode() + b'{"items": [' + b" " * (sent - 11))
+    return s
+
+
+def test_client_disconnect_mid_body_is_not_a_server_error(qrm_server):
+    """Clients that hang up halfway through their body: no traceback in the log, no 500 in /metrics, a
+    disconnect counted as such; the server goes on serving."""
+    get = lambda: httpx.get(qrm_server.url + "/metrics", headers=AUTH).text  # noqa: E731
+    before = get()
+    for path in ("/v1/score", "/get_reward"):
+        for _ in range(3):
+            s = _half_body(qrm_server.url, path)
+            time.sleep(0.05)
+            s.close()
+    deadline = time.time() + 30
+    while _metric(get(), "qrm_client_disconnects_total") - _metric(before, "qrm_client_disconnects_total") < 6:
+        assert time.time() < deadline, get()
+        time.sleep(0.1)
+    after = get()
+    assert _metric(after, "qrm_request_errors_total", status="500") == _metric(before, "qrm_request_errors_total",
+                                                                              status="500")
+    assert _metric(after, "qrm_client_disconnects_total", endpoint="/v1/score") - \
+        _metric(before, "qrm_client_disconnects_total", endpoint="/v1/score") == 3
+    assert post(qrm_server.url, "/v1/score", GOOD).status_code == 200
+    log = qrm_server.log()
+    assert "Traceback" not in log and "Exception in ASGI" not in log and "ClientDisconnect" not in log, log[-4000:]
+
+
+def test_sigterm_with_a_stalled_client_exits_within_the_grace_period(trained, qrm_data):
+    """A client sends headers and half a body, then stalls; another request is queued. SIGTERM: the queued
+    request is answered, and the server exits within --graceful-timeout (+ the model's teardown) whatever the
+    stalled client does; the default grace period is at most 15 s."""
+    from megatron_qrm.cli import build_parser
+
+    assert 0 < build_parser().parse_args(["serve", "--load", "x"]).graceful_timeout <= 15
+    dump = trained["dumps"]["qrm"]
+    srv = Server(["--load", trained["dir"] / "qrm", "--api-key", API_KEY, "--max-wait-ms", "3000",
+                  "--graceful-timeout", "3"], log_path=trained["dir"] / "stalled_serve.log")
+    stalled = None
+    try:
+        stalled = _half_body(srv.url)
+        answers: list = []
+        sender = threading.Thread(target=lambda: answers.append(
+            post(srv.url, "/v1/score", {"items": pair_items(qrm_data, dump)[:1]})))
+        sender.start()
+        deadline = time.time() + 60
+        while _metric(httpx.get(srv.url + "/metrics", headers=AUTH).text, "qrm_requests_in_flight") < 3:
+            assert time.time() < deadline, "the requests never were in flight together"
+            time.sleep(0.01)
+        t0 = time.time()
+        srv.proc.send_signal(signal.SIGTERM)
+        rc = srv.proc.wait(60)
+        elapsed = time.time() - t0
+        sender.join(30)
+    finally:
+        if stalled is not None:
+            stalled.close()
+        srv.kill()
+    assert rc == 0, srv.log()[-4000:]
+    assert elapsed < 3 + 10, f"exited {elapsed:.1f} s after SIGTERM with --graceful-timeout 3"
+    assert answers and answers[0].status_code == 200, answers
+    assert "Traceback" not in srv.log(), srv.log()[-4000:]
+
+
 # ---------------------------------------------------------------------------------------------- load
 def _load_requests(qrm_data) -> list[dict]:
     """64 distinct requests of 1-3 items with responses of 1 to ~40 tokens."""

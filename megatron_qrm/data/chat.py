@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Optional
 
+from megatron_qrm.errors import UserError
+
 log = logging.getLogger("megatron_qrm")
 _announced: set[str] = set()
 
@@ -31,8 +33,8 @@ def resolve_chat_template(requested: Optional[bool], tokenizer: Any,
     """
     has = tokenizer.has_chat_template()
     if requested is True and not has:
-        raise ValueError(f"--chat-template was given but the tokenizer at {tokenizer.name_or_path!r} has no chat "
-                         f"template; drop the flag or use a tokenizer directory that defines one")
+        raise UserError(f"--chat-template was given but the tokenizer at {tokenizer.name_or_path!r} has no chat "
+                        f"template; drop the flag or use a tokenizer directory that defines one")
     if requested is not None:
         use, why = bool(requested), "--chat-template" if requested else "--no-chat-template"
     elif saved is not None and saved.get("chat_template") is not None and (has or not saved["chat_template"]):

@@ -33,6 +33,8 @@ import torch
 
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from megatron_qrm.errors import UserError
+
 PACKED_KEYS = ("cu_seqlens", "max_seqlen", "unpack_index", "unpack_valid", "segment_parent")
 
 
@@ -51,8 +53,8 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]
     if capacity < 1:
         raise ValueError(f"packing capacity must be >= 1 token, got {capacity}")
     if sizes and max(sizes) > capacity:
-        raise ValueError(f"a sample of {max(sizes)} tokens does not fit in a packed micro-batch of {capacity} "
-                         "tokens; raise --pack-tokens")
+        raise UserError(f"a sample of {max(sizes)} tokens does not fit in a packed micro-batch of {capacity} "
+                        "tokens; raise --pack-tokens")
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     bins: list[list[int]] = []
     room: list[int] = []
@@ -154,8 +156,8 @@ def check_pack_capacity(capacity: int | None, longest: int, what: str) -> None:
     """Fail before training when the longest sample (``what``: e.g. "pair of --train-data (... tokens, chosen
     + rejected)") cannot fit in a packed micro-batch of ``capacity`` tokens (None: packing off)."""
     if capacity is not None and capacity < longest:
-        raise ValueError(f"--pack-tokens {capacity} is smaller than the longest {what.format(longest=longest)}; "
-                         "raise it or leave it unset")
+        raise UserError(f"--pack-tokens {capacity} is smaller than the longest {what.format(longest=longest)}; "
+                        "raise it or leave it unset")
 
 
 def shared_prompt_pair_tokens(sequence_lengths: np.ndarray, prompt_lengths: np.ndarray) -> np.ndarray:

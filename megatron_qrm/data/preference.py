@@ -31,6 +31,8 @@ from typing import overload
 import numpy as np
 import torch
 
+from megatron_qrm.errors import UserError
+
 from .packing import pack_collated, pack_pairs_shared_prompt, shared_prompt_pair_tokens
 from .sources import DataError, read_records
 from .tokenizer import Tokenizer
@@ -101,9 +103,9 @@ class PreferenceDataset:
 
     def __init__(self, cfg: PreferenceDataConfig, tokenizer: Tokenizer) -> None:
         if cfg.seq_length < 2:
-            raise ValueError(f"--seq-length must be at least 2, got {cfg.seq_length}")
+            raise UserError(f"--seq-length must be at least 2, got {cfg.seq_length}")
         if cfg.max_pairs is not None and cfg.max_pairs < 1:
-            raise ValueError(f"max_pairs must be a positive number or None, got {cfg.max_pairs}")
+            raise UserError(f"max_pairs must be a positive number or None, got {cfg.max_pairs}")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.stats: dict[str, int] = {"records": 0, "pairs": 0, "truncated": 0, "skipped_long_prompt": 0,
@@ -120,7 +122,7 @@ class PreferenceDataset:
         self._truncated: list[bool] = []
 
         chunk: list[tuple[str, str, str, str]] = []
-        for loc, record in read_records(cfg.path, cfg.split):
+        for loc, record in read_records(cfg.path, cfg.split, self.stats):
             self.stats["records"] += 1
             chunk.append(
                 (

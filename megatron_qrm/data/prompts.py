@@ -54,7 +54,7 @@ class PromptDataset:
         self._ids: list[np.ndarray] = []
         self.stats = {"records": 0, "prompts": 0, "skipped_long_prompt": 0}
         chunk: list[tuple[str, str, Optional[str]]] = []
-        for loc, rec in read_records(cfg.path, cfg.split):
+        for loc, rec in read_records(cfg.path, cfg.split, self.stats):
             self.stats["records"] += 1
             label = rec.get(cfg.label_field)
             chunk.append((loc, _text_field(rec, cfg.instruction_field, loc), None if label is None else str(label)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from megatron_qrm.errors import UserError
+
 
 class GlobalBatchSampler:
     def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int,
@@ -17,7 +19,7 @@ class GlobalBatchSampler:
             raise ValueError("the training set is empty")
         per_rank = global_batch_size // data_parallel_size
         if global_batch_size % (micro_batch_size * data_parallel_size):
-            raise ValueError(
+            raise UserError(
                 f"--global-batch-size {global_batch_size} must be a multiple of --micro-batch-size "
                 f"{micro_batch_size} x data-parallel size {data_parallel_size}"
             )

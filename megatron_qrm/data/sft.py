@@ -39,7 +39,7 @@ class SFTDataset:
         self._prompts: list[np.ndarray] = []
         self._responses: list[np.ndarray] = []
         chunk: list[tuple[str, str, str]] = []
-        for loc, rec in read_records(cfg.path, cfg.split):
+        for loc, rec in read_records(cfg.path, cfg.split, self.stats):
             self.stats["records"] += 1
             chunk.append((loc, _text_field(rec, cfg.instruction_field, loc), _text_field(rec, cfg.response_field, loc)))
             if len(chunk) >= TOKENIZE_CHUNK:

@@ -10,7 +10,7 @@ The format is recognised by content where possible (gzip and Parquet magic bytes
 not have to follow a convention. Accepted sources:
 
 * a ``.jsonl`` / ``.jsonl.gz`` / ``.json`` / any-text file of JSON objects, one per line (blank lines are
-  skipped); a ``.json`` file whose first character is ``[`` is read as one JSON array of objects;
+  skipped, and counted in the caller's ``stats["skipped_blank_lines"]``); a ``.json`` file whose first character is ``[`` is read as one JSON array of objects;
 * a Parquet file (read with pyarrow, in record batches, so large files are not loaded at once);
 * a directory written by ``datasets``' ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict`` from which
   ``split`` is taken);
@@ -27,17 +27,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from megatron_qrm.errors import UserError
+
 _GZIP_MAGIC = b"\x1f\x8b"
 _PARQUET_MAGIC = b"PAR1"
 #: Suffixes that make a missing ``path`` a missing *file* (not a dataset name to try on the Hub).
 _FILE_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".ndjson", ".txt", ".arrow")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source or one of its records is unusable; the message starts with its location."""
 
 
-def read_records(path: str | os.PathLike, split: str = "train") -> Iterator[tuple[str, dict]]:
+def read_records(path: str | os.PathLike, split: str = "train",
+                 stats: dict[str, int] | None = None) -> Iterator[tuple[str, dict]]:
     """Iterate ``(location, record)`` over every record of the source at ``path``.
 
     The source is opened (and a missing one reported) at the call; records are read lazily.
@@ -45,6 +48,8 @@ def read_records(path: str | os.PathLike, split: str = "train") -> Iterator[tupl
     Args:
         path: a file, a ``save_to_disk`` directory, or a ``datasets.load_dataset`` name/path.
         split: the split to read from a ``DatasetDict`` / ``load_dataset`` source (ignored for files).
+        stats: the caller's skip counters: ``stats["skipped_blank_lines"]`` counts the blank (whitespace-only)
+            lines of a JSON Lines file, which are skipped (line numbers still count them).
 
     Raises:
         DataError: the source does not exist or cannot be read, a line is not valid JSON, or a record is
@@ -54,7 +59,7 @@ def read_records(path: str | os.PathLike, split: str = "train") -> Iterator[tupl
     name = os.fspath(path)
     p = Path(name).expanduser()
     if p.is_file():
-        return _read_file(p, name)
+        return _read_file(p, name, stats)
     if p.is_dir():
         return _read_dataset_dir(p, name, split)
     if _looks_like_local_path(name):
@@ -74,7 +79,7 @@ def _looks_like_local_path(name: str) -> bool:
     )
 
 
-def _read_file(p: Path, name: str) -> Iterator[tuple[str, dict]]:
+def _read_file(p: Path, name: str, stats: dict[str, int] | None = None) -> Iterator[tuple[str, dict]]:
     try:
         with open(p, "rb") as f:
             head = f.read(4)
@@ -83,10 +88,10 @@ def _read_file(p: Path, name: str) -> Iterator[tuple[str, dict]]:
     if head == _PARQUET_MAGIC:
         return _read_parquet(p, name)
     if head[:2] == _GZIP_MAGIC:
-        return _read_json_lines(p, name, compressed=True)
+        return _read_json_lines(p, name, compressed=True, stats=stats)
     if p.suffix.lower() == ".json" and _first_non_space(p) == b"[":
         return _read_json_array(p, name)
-    return _read_json_lines(p, name, compressed=False)
+    return _read_json_lines(p, name, compressed=False, stats=stats)
 
 
 def _first_non_space(p: Path) -> bytes:
@@ -104,8 +109,11 @@ def _as_record(obj: Any, loc: str) -> dict:
     return obj
 
 
-def _read_json_lines(p: Path, name: str, compressed: bool) -> Iterator[tuple[str, dict]]:
+def _read_json_lines(p: Path, name: str, compressed: bool,
+                     stats: dict[str, int] | None = None) -> Iterator[tuple[str, dict]]:
     opener = gzip.open if compressed else open
+    if stats is not None:
+        stats.setdefault("skipped_blank_lines", 0)
     try:
         with opener(p, "rb") as f:
             # Bytes, decoded per line: a UTF-8 error is then reported with its line number instead of
@@ -117,6 +125,8 @@ def _read_json_lines(p: Path, name: str, compressed: bool) -> Iterator[tuple[str
                 except UnicodeDecodeError as err:
                     raise DataError(f"{loc}: not valid UTF-8 ({err})") from err
                 if not line.strip():
+                    if stats is not None:
+                        stats["skipped_blank_lines"] += 1
                     continue
                 try:
                     obj = json.loads(line)

@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatron_qrm.errors import UserError, UserFileNotFoundError
+
 #: Files whose presence marks a directory as a Hugging Face tokenizer directory.
 _HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -112,7 +114,7 @@ class Tokenizer:
         """
         if not chat_template:
             return instruction, False
-        raise ValueError(
+        raise UserError(
             f"--chat-template was given but the tokenizer at {self.name_or_path!r} "
             f"({type(self).__name__}) has no chat template; drop --chat-template or use a Hugging Face "
             "tokenizer directory whose tokenizer_config.json / chat_template.jinja defines one"
@@ -134,7 +136,7 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = len(hf_tokenizer)
         eos = hf_tokenizer.eos_token_id
         if eos is None:
-            raise ValueError(
+            raise UserError(
                 f"--tokenizer {name_or_path!r}: the tokenizer defines no EOS token (eos_token), which is "
                 "needed to end responses; set eos_token in its tokenizer_config.json"
             )
@@ -192,7 +194,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = int(processor.get_piece_size())
         eos = int(processor.eos_id())
         if eos < 0:
-            raise ValueError(
+            raise UserError(
                 f"--tokenizer {name_or_path!r}: the SentencePiece model has no EOS piece (eos_id < 0), "
                 "which is needed to end responses"
             )
@@ -230,7 +232,7 @@ def _load_sentencepiece(model_file: Path, name_or_path: str) -> SentencePieceTok
     try:
         processor = spm.SentencePieceProcessor(model_file=str(model_file))
     except (OSError, RuntimeError) as err:
-        raise ValueError(
+        raise UserError(
             f"--tokenizer {name_or_path!r}: cannot read {str(model_file)!r} as a SentencePiece model ({err})"
         ) from err
     return SentencePieceTokenizer(processor, name_or_path)
@@ -242,7 +244,7 @@ def _load_hf(directory: Path, name_or_path: str) -> HFTokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... depending on what is off
-        raise ValueError(
+        raise UserError(
             f"--tokenizer {name_or_path!r}: cannot load the Hugging Face tokenizer in this directory "
             f"({type(err).__name__}: {err})"
         ) from err
@@ -259,14 +261,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     name = os.fspath(path)
     p = Path(name).expanduser()
     if not p.exists():
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"--tokenizer {name!r}: no such file or directory (expected a Hugging Face tokenizer directory "
             "or a SentencePiece .model file)"
         )
     if p.is_file():
         if p.suffix == ".model":
             return _load_sentencepiece(p, name)
-        raise ValueError(
+        raise UserError(
             f"--tokenizer {name!r}: a file, but not a SentencePiece .model file; pass the directory that "
             "holds the Hugging Face tokenizer files instead"
         )
@@ -274,7 +276,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return _load_hf(p, name)
     if (p / "tokenizer.model").is_file():
         return _load_sentencepiece(p / "tokenizer.model", name)
-    raise ValueError(
+    raise UserError(
         f"--tokenizer {name!r}: the directory contains neither Hugging Face tokenizer files "
         f"({', '.join(_HF_FILES)}) nor a SentencePiece tokenizer.model"
     )
@@ -286,17 +288,23 @@ _IDENTITY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
 
 
-def tokenizer_fingerprint(path: str | os.PathLike) -> str:
-    """SHA-256 (hex, first 16 characters) of the files that define a tokenizer's ids: the ``.model`` file
-    itself, or the known tokenizer files of a directory (names and contents). Moving or copying the
-    tokenizer keeps its fingerprint; editing, retraining or swapping it changes it."""
+def tokenizer_fingerprint(path: str | os.PathLike, legacy: bool = False) -> str:
+    """SHA-256 (hex, first 16 characters) of the files that define a tokenizer's ids: the contents of the
+    ``.model`` file itself, or the known tokenizer files of a directory (each file's role, i.e. its fixed
+    name, and contents). Moving, copying or renaming the tokenizer keeps its fingerprint; editing,
+    retraining or swapping it changes it.
+
+    ``legacy``: the fingerprint of older versions, which also hashed a single file's own name (a renamed
+    byte-identical copy then differed); :func:`check_tokenizer_identity` accepts it for their checkpoints."""
     import hashlib
 
     p = Path(os.fspath(path)).expanduser()
     h = hashlib.sha256()
-    files = [p] if p.is_file() else [p / f for f in _IDENTITY_FILES if (p / f).is_file()]
+    single = p.is_file()
+    files = [p] if single else [p / f for f in _IDENTITY_FILES if (p / f).is_file()]
     for f in files:
-        h.update(f.name.encode() + b"\0")
+        if not single or legacy:  # a directory's file names say what each file is; a lone file's says nothing
+            h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -309,7 +317,7 @@ def tokenizer_identity(tokenizer: Tokenizer, path: str | os.PathLike) -> dict[st
             "path": os.path.abspath(os.fspath(path))}
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(UserError):
     """The tokenizer given differs from the one a checkpoint was trained with."""
 
 
@@ -340,8 +348,9 @@ def check_tokenizer_identity(saved_config: dict[str, Any], tokenizer: Tokenizer,
     if not saved:
         return None
     current = tokenizer_identity(tokenizer, path)
-    if current["fingerprint"] == saved.get("fingerprint") and current["vocab_size"] == saved.get("vocab_size"):
-        return None
+    same_vocab = current["vocab_size"] == saved.get("vocab_size")
+    if same_vocab and saved.get("fingerprint") in (current["fingerprint"], tokenizer_fingerprint(path, legacy=True)):
+        return None  # (the second: a checkpoint of an older version, whose fingerprint hashed the file's name)
 
     def describe(ident: dict[str, Any]) -> str:
         return f"{ident.get('path')} (vocab {ident.get('vocab_size')}, fingerprint {ident.get('fingerprint')})"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_qrm.errors import UserError
+
 #: size flags of `qrm demo`: DemoConfig field -> type (each is --field-name)
 _SIZE_FLAGS = {
     "n_sft": int, "n_rl_prompts": int, "n_heldout_prompts": int, "n_test": int, "num_layers": int,
@@ -59,15 +61,15 @@ def demo_config_from_args(args, seed: int):
         cfg.algos = tuple(a.strip() for a in args.algos.split(",") if a.strip())
         bad = [a for a in cfg.algos if a not in ("ppo", "reinforce")]
         if bad:
-            raise ValueError(f"--algos: unknown {bad[0]!r} (ppo, reinforce)")
+            raise UserError(f"--algos: unknown {bad[0]!r} (ppo, reinforce)")
     if getattr(args, "reward_models", None):
         cfg.rm_kinds = tuple(a.strip() for a in args.reward_models.split(",") if a.strip())
         bad = [a for a in cfg.rm_kinds if a not in ("qrm", "orm", "dpo")]
         if bad:
-            raise ValueError(f"--reward-models: unknown {bad[0]!r} (qrm, orm, dpo)")
+            raise UserError(f"--reward-models: unknown {bad[0]!r} (qrm, orm, dpo)")
     cfg.pair_prompts = min(cfg.pair_prompts, cfg.n_rl_prompts)
     if cfg.rl_rollout % cfg.rl_global_batch or cfg.rl_global_batch % cfg.rl_micro_batch:
-        raise ValueError("--rl-global-batch must divide --rl-rollout and be a multiple of --rl-micro-batch")
+        raise UserError("--rl-global-batch must divide --rl-rollout and be a multiple of --rl-micro-batch")
     return cfg
 
 

@@ -23,6 +23,8 @@ import os
 import random
 from typing import Optional
 
+from megatron_qrm.errors import UserError
+
 
 def load_responses(path: str, response_field: str = "responses", instruction_field: str = "instruction",
                    label_field: str = "label", labels: Optional[str] = None) -> dict[str, dict]:
@@ -71,7 +73,7 @@ def make_pairs(groups: dict[str, dict], task: str, checker: Optional[str] = None
     if checker is None:
         checker = next(iter(judges))
     if checker not in judges:
-        raise ValueError(f"--checker {checker!r}: task {task!r} has {', '.join(judges)}")
+        raise UserError(f"--checker {checker!r}: task {task!r} has {', '.join(judges)}")
     judge = judges[checker]
     rng = random.Random(seed)
     stats = {"task": task, "checker": checker, "prompts": len(groups), "responses": 0, "unique_responses": 0,

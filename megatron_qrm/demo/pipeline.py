@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.demo import task as arith
 
 log = logging.getLogger("megatron_qrm")
@@ -285,7 +286,7 @@ def stage_pairs(cfg: DemoConfig, p: Paths) -> dict:
         pairs, stats = make_pairs(groups, arith.TASK_NAME, max_pairs_per_prompt=cfg.max_pairs_per_prompt,
                                   seed=cfg.seed)
         if not pairs:
-            raise ValueError(f"no preference pairs from the {name} samples ({stats}): the SFT policy is always "
+            raise UserError(f"no preference pairs from the {name} samples ({stats}): the SFT policy is always "
                                f"right or always wrong; change the sizes")
         _write_jsonl(p("pairs", f"{name}.jsonl"), pairs)
         stats["sampled_accuracy"] = stats["correct"] / max(stats["unique_responses"], 1)
@@ -441,8 +442,8 @@ def run_demo(cfg: DemoConfig, out: str, *, force_report: bool = True) -> dict:
         if saved != json.loads(json.dumps(cfg.to_dict())):
             diff = sorted(k for k in set(saved) | set(cfg.to_dict())
                           if saved.get(k) != json.loads(json.dumps(cfg.to_dict())).get(k))
-            raise ValueError(f"--out {out} holds a demo run with other settings ({', '.join(diff)}); "
-                             f"use a new --out (or the same flags) to resume")
+            raise UserError(f"--out {out} holds a demo run with other settings ({', '.join(diff)}); "
+                            f"use a new --out (or the same flags) to resume")
     else:
         _write_json(cfg_path, cfg.to_dict())
     stages = stage_list(cfg)

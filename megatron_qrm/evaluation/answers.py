@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterable, Optional, Sequence
 
+from megatron_qrm.errors import UserError
+
 TASKS = ("gsm8k", "math")
 CHECKERS = ("reference", "strict")
 MATH_BACKENDS = ("auto", "math_verify", "sympy")
@@ -36,13 +38,13 @@ MATH_BACKENDS = ("auto", "math_verify", "sympy")
 def _check_task(task: str) -> str:
     t = task.lower()
     if t not in TASKS:
-        raise ValueError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
+        raise UserError(f"unknown task {task!r}: expected one of {', '.join(TASKS)}")
     return t
 
 
 def _check_checker(checker: str) -> str:
     if checker not in CHECKERS:
-        raise ValueError(f"unknown checker {checker!r}: expected one of {', '.join(CHECKERS)}")
+        raise UserError(f"unknown checker {checker!r}: expected one of {', '.join(CHECKERS)}")
     return checker
 
 
@@ -597,7 +599,7 @@ def _math_verify_equivalent(pred: str, label: str) -> bool:
 def math_strict_equivalent(pred: str, label: str, backend: str = "auto") -> bool:
     """Strict MATH equivalence of an extracted prediction and a label (both raw)."""
     if backend not in MATH_BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(MATH_BACKENDS)}")
+        raise UserError(f"unknown backend {backend!r}: expected one of {', '.join(MATH_BACKENDS)}")
     p, g = normalize_math_strict(pred), normalize_math_strict(label)
     if not p:
         return False

@@ -19,18 +19,19 @@ import os
 import sys
 from typing import Iterator, Optional
 
+from megatron_qrm.errors import UserError, UserFileNotFoundError
 from megatron_qrm.evaluation.answers import CHECKERS, MATH_BACKENDS, TASKS, judge, math_verify_available
 
 COMMAND = "check-answers"
 
 
-class AnswerFileError(ValueError):
+class AnswerFileError(UserError):
     """Malformed input; the message starts with ``file:line``."""
 
 
 def _open_text(path: str):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such file")
+        raise UserFileNotFoundError(f"{path}: no such file")
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
@@ -95,13 +96,13 @@ def check_answers(data: str, task: str, field: str = "chosen", checker: str = "r
                   label_field: str = "label") -> dict:
     """Judge every response of ``data``; returns the summary dict (see the module doc)."""
     if task not in TASKS:
-        raise ValueError(f"--task must be one of {', '.join(TASKS)}")
+        raise UserError(f"--task must be one of {', '.join(TASKS)}")
     if checker not in CHECKERS:
-        raise ValueError(f"--checker must be one of {', '.join(CHECKERS)}")
+        raise UserError(f"--checker must be one of {', '.join(CHECKERS)}")
     if math_backend not in MATH_BACKENDS:
-        raise ValueError(f"--math-backend must be one of {', '.join(MATH_BACKENDS)}")
+        raise UserError(f"--math-backend must be one of {', '.join(MATH_BACKENDS)}")
     if math_backend == "math_verify" and not math_verify_available():
-        raise ValueError("--math-backend math_verify: the package math-verify is not importable")
+        raise UserError("--math-backend math_verify: the package math-verify is not importable")
     label_map = load_label_map(labels, instruction_field, label_field) if labels else None
     stripped_map = {k.strip(): v for k, v in label_map.items()} if label_map else None
 
@@ -150,7 +151,7 @@ def check_answers(data: str, task: str, field: str = "chosen", checker: str = "r
         fewest = min(len(r) for r in per_row)
         bad = [k for k in pass_at_k if not 1 <= k <= fewest]
         if bad:
-            raise ValueError(f"--pass-at-k {bad[0]}: every row needs at least k responses (fewest: {fewest})")
+            raise UserError(f"--pass-at-k {bad[0]}: every row needs at least k responses (fewest: {fewest})")
         summary["pass_at_k"] = {str(k): v for k, v in pass_at_k_from_judgements(per_row, pass_at_k).items()}
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

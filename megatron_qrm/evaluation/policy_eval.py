@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.data import PromptDataConfig, PromptDataset
 from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.evaluation.tasks import Judge, register_task, task_judges
@@ -149,12 +150,12 @@ def evaluate_policy(cfg: PolicyEvalConfig) -> dict:
     ckpt = checkpointing.resolve_or_fail(cfg.load, "--load")
     saved = checkpointing.read_config(ckpt)
     if saved.get("role") != "policy":
-        raise ValueError(f"--load {cfg.load} is a {saved.get('role')} checkpoint, not a policy")
+        raise UserError(f"--load {cfg.load} is a {saved.get('role')} checkpoint, not a policy")
     model_cfg = ModelConfig.from_dict(saved["model"])
     check_parallel_layout(model_cfg, cfg.parallel, dist.get_world_size())
     tok_path = cfg.tokenizer or saved.get("tokenizer")
     if not tok_path:
-        raise ValueError("--tokenizer is required: the checkpoint does not record one")
+        raise UserError("--tokenizer is required: the checkpoint does not record one")
     tokenizer = load_tokenizer(tok_path)
     check_tokenizer_identity(saved, tokenizer, tok_path, checkpoint=ckpt, allow_change=cfg.allow_tokenizer_change)
     model = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=cfg.bf16))

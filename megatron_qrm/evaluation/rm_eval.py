@@ -27,6 +27,7 @@ from megatron_qrm.data.packing import (
 from megatron_qrm.data.preference import pair_microbatch
 from megatron_qrm.models.packing_support import resolve_shared_prompts, unsupported_reason
 from megatron_qrm.data.tokenizer import check_tokenizer_identity
+from megatron_qrm.errors import NonFiniteError, UserError
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import lora_disabled
 from megatron_qrm.rewards.scoring import RewardLossConfig, reference_logps_forward_step, token_credit_forward_step
@@ -79,7 +80,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
     loss_cfg = RewardLossConfig(**saved.get("reward_loss", {}))
     tokenizer_path = cfg.tokenizer or saved.get("tokenizer")
     if not tokenizer_path:
-        raise ValueError("--tokenizer is required: the checkpoint does not record one")
+        raise UserError("--tokenizer is required: the checkpoint does not record one")
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer_identity(saved, tokenizer, tokenizer_path, checkpoint=ckpt, allow_change=cfg.allow_tokenizer_change)
     data_cfg = PreferenceDataConfig(
@@ -90,7 +91,7 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
         split=cfg.split, max_pairs=cfg.max_pairs)
     dataset = PreferenceDataset(data_cfg, tokenizer)
     if len(dataset) == 0:
-        raise ValueError(f"--data {cfg.data}: no usable pairs ({dataset.stats})")
+        raise UserError(f"--data {cfg.data}: no usable pairs ({dataset.stats})")
 
     model, reference = load_reward_models(ckpt, saved, model_cfg, loss_cfg, cfg.parallel, cfg.bf16,
                                           cfg.reference_checkpoint)
@@ -151,6 +152,13 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
             gathered = [None] * dp_size
             dist.all_gather_object(gathered, dumps, group=ps.get_data_parallel_group())
             dumps = [row for part in gathered for row in part]
+    # every rank learns whether the scores are finite (the last stage has them), so that all of them stop alike
+    nonfinite = torch.zeros(1, dtype=torch.float64)
+    if ps.is_pipeline_last_stage():
+        v = valid.bool()
+        nonfinite[0] = float((~torch.isfinite(chosen[v]) | ~torch.isfinite(rejected[v])).sum())
+    parallel.all_reduce_host(nonfinite, op=dist.ReduceOp.MAX)
+    bad = int(nonfinite.item())
     result = None
     if _is_writer():
         v = valid.bool()
@@ -163,27 +171,33 @@ def evaluate_reward_model(cfg: RMEvalConfig) -> Optional[dict]:
             "mean_rejected_score": float(rejected[v].mean()) if nv else float("nan"),
             "pairs": n,
             "valid_pairs": nv,
+            "nonfinite_pairs": bad,
             "truncated_pairs": dataset.stats.get("truncated", 0),
             "skipped_pairs": dataset.stats.get("skipped_long_prompt", 0),
+            "skipped_blank_lines": dataset.stats.get("skipped_blank_lines", 0),
             "reward_loss": loss_cfg.kind,
             "checkpoint": ckpt,
             "data": cfg.data,
         }
+        out_path = None if bad else (cfg.output or default_output_path(result["checkpoint"], cfg.data))
+        if cfg.dump_token_scores and not bad:
+            result["token_scores"] = cfg.dump_token_scores
+        result["output"] = out_path
+        # the metrics first: a failed write below (a full disk) must not lose them
+        print(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in result.items()}), flush=True)
+    if bad:
+        raise NonFiniteError(f"{bad} of {n} pairs' scores are not finite with checkpoint {ckpt}: the model cannot "
+                             "produce finite scores (a diverged run?); no result file was written")
+    if _is_writer():
         if cfg.dump_token_scores:
             dumps.sort(key=lambda r: (r["index"], r["side"] != "chosen"))
-            os.makedirs(os.path.dirname(os.path.abspath(cfg.dump_token_scores)), exist_ok=True)
-            with open(cfg.dump_token_scores, "w") as f:
-                for row in dumps:
-                    f.write(json.dumps(row) + "\n")
-            result["token_scores"] = cfg.dump_token_scores
-        out_path = cfg.output or default_output_path(result["checkpoint"], cfg.data)
-        result["output"] = out_path
-        if out_path:
-            os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-            with open(out_path, "w") as f:
-                json.dump(result, f, indent=2)
-        print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}),
-              flush=True)
+            checkpointing.write_file_atomically(
+                cfg.dump_token_scores, lambda f: f.writelines(json.dumps(row) + "\n" for row in dumps),
+                "--dump-token-scores")
+        if result["output"]:
+            checkpointing.write_file_atomically(result["output"], lambda f: json.dump(result, f, indent=2),
+                                                "--output")
     parallel.barrier()
     return result
 
@@ -204,8 +218,8 @@ def load_reward_models(load: str, saved: dict, model_cfg: ModelConfig, loss_cfg:
     if loss_cfg.kind == "dpo" and not lora.enabled:
         reference_checkpoint = reference_checkpoint or saved.get("pretrained_checkpoint")
         if not reference_checkpoint:
-            raise ValueError("a full fine-tuned DPO-RM needs its reference model: pass --reference-checkpoint "
-                             "(the checkpoint records no --pretrained-checkpoint to use)")
+            raise UserError("a full fine-tuned DPO-RM needs its reference model: pass --reference-checkpoint "
+                            "(the checkpoint records no --pretrained-checkpoint to use)")
         reference = build_model(model_cfg, "policy", precision=PrecisionConfig(bf16=bf16),
                                 sequence_parallel=par.sequence_parallel)
         checkpointing.load_checkpoint(reference_checkpoint, reference, load_rng=False,

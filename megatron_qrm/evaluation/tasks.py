@@ -15,6 +15,7 @@ from __future__ import annotations
 from importlib.metadata import entry_points
 from typing import Callable
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.evaluation import answers
 
 Judge = Callable[[str, str], tuple[bool, bool]]
@@ -62,5 +63,5 @@ def task_judges(task: str) -> dict[str, Judge]:
     if task not in _TASKS:
         _load_plugins()
     if task not in _TASKS:
-        raise ValueError(f"unknown --task {task!r}; known: {', '.join(known_tasks())}")
+        raise UserError(f"unknown --task {task!r}; known: {', '.join(known_tasks())}")
     return _TASKS[task]

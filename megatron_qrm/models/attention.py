@@ -44,6 +44,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.core.utils import divide
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.models import packed_attention, rope
 
 def _torch_at_least(major: int, minor: int) -> bool:
@@ -203,8 +204,8 @@ class RopeSelfAttention(SelfAttention):
         )
         if packed_seq_params is not None and packed_attention.shares_prefixes(packed_seq_params) and (
                 not isinstance(self.core_attention, SDPAttention) or (rotary_pos_emb is not None and not take_over)):
-            raise ValueError("shared-prompt packing (--pack-shared-prompts) runs only on the local spec's SDPA "
-                             "attention with standard RoPE; this layer cannot mask a prefix tree")
+            raise UserError("shared-prompt packing (--pack-shared-prompts) runs only on the local spec's SDPA "
+                            "attention with standard RoPE; this layer cannot mask a prefix tree")
         if not take_over:
             return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb,
                                    packed_seq_params=packed_seq_params, inference_context=inference_context,

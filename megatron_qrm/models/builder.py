@@ -26,6 +26,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.config import ROLES, ModelConfig, padded_vocab_size
 from megatron_qrm.models import backend
 from megatron_qrm.models.lora import LoRAConfig, apply_lora
@@ -106,7 +107,7 @@ def transformer_config(model: ModelConfig, precision: PrecisionConfig, *, sequen
     'full' (every layer keeps only its input; ``recompute_num_layers`` layers per uniform chunk)."""
     on_cpu = backend.is_cpu_run()  # CPU kernels instead of the fused CUDA ones (models/backend.py)
     if recompute_granularity not in (None, "none", "selective", "full"):
-        raise ValueError(f"--recompute-granularity {recompute_granularity!r}: expected full or selective")
+        raise UserError(f"--recompute-granularity {recompute_granularity!r}: expected full or selective")
     recompute = None if recompute_granularity in (None, "none") else recompute_granularity
     tp = ps.get_tensor_model_parallel_world_size()
     pp = ps.get_pipeline_model_parallel_world_size()
@@ -172,8 +173,8 @@ def build_model(model: ModelConfig, role: str, *, precision: PrecisionConfig | N
         # CPU run (no fused SwiGLU kernel): the CPU kernels' spec (models/backend.py is where the paths part)
         spec = backend.cpu_layer_spec(spec, tcfg)
     if tcfg.sequence_parallel and impl == "local" and not _have_apex_norm():
-        raise ValueError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
-                         "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")
+        raise UserError("--sequence-parallel needs Transformer Engine (or apex) norms; megatron-core's "
+                        "local spec falls back to torch norms, which cannot split the sequence. Drop the flag.")
     tp = ps.get_tensor_model_parallel_world_size()
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, tp)
     scored = role in ("reward", "critic")

@@ -4,6 +4,8 @@ knows nothing about models)."""
 
 from __future__ import annotations
 
+from megatron_qrm.errors import UserError
+
 
 def resolve_shared_prompts(requested: bool | None, packing: bool, models=()) -> tuple[bool, str | None]:
     """Whether pairs are packed with their prompt once: ``(on, why it is off)``.
@@ -13,9 +15,9 @@ def resolve_shared_prompts(requested: bool | None, packing: bool, models=()) -> 
     ``models`` cannot run a prefix tree (:func:`unsupported_reason`)."""
     why = next((r for r in (unsupported_reason(m, shared_prompts=True) for m in models) if r), None)
     if requested and why:
-        raise ValueError(f"--pack-shared-prompts: {why}")
+        raise UserError(f"--pack-shared-prompts: {why}")
     if requested and not packing:
-        raise ValueError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
+        raise UserError("--pack-shared-prompts packs pairs; it cannot be combined with --no-pack-sequences")
     if not packing or requested is False:
         return False, None
     return why is None, why

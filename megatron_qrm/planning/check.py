@@ -11,6 +11,7 @@ import argparse
 import logging
 from typing import Any, Optional
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.config import ModelConfig
 from megatron_qrm.planning.memory import GPUS, GiB, Plan, PlanInput, format_plan, make_plan
 
@@ -19,7 +20,7 @@ log = logging.getLogger("megatron_qrm")
 SKIP_FLAG = "--skip-memory-check"
 
 
-class PlanDoesNotFit(ValueError):
+class PlanDoesNotFit(UserError):
     """The memory plan of this run exceeds the GPU's memory (override: ``--skip-memory-check``)."""
 
 

@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from megatron_qrm.config import MODEL_PRESETS, ModelConfig, preset
+from megatron_qrm.errors import UserError
 from megatron_qrm.planning.memory import GPUS, GiB, ROLES, PlanInput, format_plan, make_plan
 
 EXIT_FITS = 0
@@ -27,7 +28,7 @@ def resolve_model(spec: str) -> tuple[ModelConfig, str]:
 
         cfg = read_config(spec)
         return ModelConfig.from_dict(cfg["model"]), os.path.basename(os.path.normpath(spec))
-    raise ValueError(f"{spec!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint directory")
+    raise UserError(f"{spec!r} is neither a model preset ({', '.join(MODEL_PRESETS)}) nor a checkpoint directory")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,7 +88,7 @@ def plan_input_from_args(args) -> PlanInput:
     num_gpus = args.num_gpus
     if args.data_parallel_size is not None:
         if num_gpus is not None and num_gpus != tp * pp * args.data_parallel_size:
-            raise ValueError(f"--num-gpus {num_gpus} != TP {tp} x PP {pp} x DP {args.data_parallel_size}")
+            raise UserError(f"--num-gpus {num_gpus} != TP {tp} x PP {pp} x DP {args.data_parallel_size}")
         num_gpus = tp * pp * args.data_parallel_size
     rl = args.role in ("ppo", "reinforce")
     rm = rm_name = critic = None

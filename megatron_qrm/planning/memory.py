@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.config import ModelConfig, padded_vocab_size
 from megatron_qrm.planning.params import (
     LORA_TARGETS,
@@ -104,17 +105,17 @@ class PlanInput:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise ValueError(f"--role {self.role!r}: expected one of {', '.join(ROLES)}")
+            raise UserError(f"--role {self.role!r}: expected one of {', '.join(ROLES)}")
         if self.recompute not in RECOMPUTE:
-            raise ValueError(f"--recompute-granularity {self.recompute!r}: expected one of {', '.join(RECOMPUTE)}")
+            raise UserError(f"--recompute-granularity {self.recompute!r}: expected one of {', '.join(RECOMPUTE)}")
         if self.transformer_impl not in ("te", "local"):
-            raise ValueError(f"--transformer-impl {self.transformer_impl!r}: expected te or local")
+            raise UserError(f"--transformer-impl {self.transformer_impl!r}: expected te or local")
         if self.attention not in ("auto", "flash", "unfused"):
-            raise ValueError(f"--attention {self.attention!r}: expected auto, flash or unfused")
+            raise UserError(f"--attention {self.attention!r}: expected auto, flash or unfused")
         if self.num_gpus is None:
             self.num_gpus = self.tensor_parallel * self.pipeline_parallel
         if self.gpu_memory_bytes is None and self.gpu not in GPUS:
-            raise ValueError(f"--gpu {self.gpu!r}: expected one of {', '.join(GPUS)} (or --gpu-memory-gb)")
+            raise UserError(f"--gpu {self.gpu!r}: expected one of {', '.join(GPUS)} (or --gpu-memory-gb)")
 
     # derived
     @property
@@ -153,19 +154,19 @@ class PlanInput:
         """Raise ValueError (naming the flag) when this layout cannot shard the model(s)."""
         tp, pp = self.tp, self.pp
         if tp < 1 or pp < 1:
-            raise ValueError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+            raise UserError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
         if self.num_gpus % (tp * pp):
-            raise ValueError(f"--num-gpus {self.num_gpus} is not a multiple of TP {tp} x PP {pp}")
+            raise UserError(f"--num-gpus {self.num_gpus} is not a multiple of TP {tp} x PP {pp}")
         for m in self.models().values():
             if m.num_attention_heads % tp or m.num_query_groups % tp or m.ffn_hidden_size % tp:
-                raise ValueError(f"TP {tp} does not divide the heads ({m.num_attention_heads}), query groups "
-                                 f"({m.num_query_groups}) or FFN size ({m.ffn_hidden_size})")
+                raise UserError(f"TP {tp} does not divide the heads ({m.num_attention_heads}), query groups "
+                                f"({m.num_query_groups}) or FFN size ({m.ffn_hidden_size})")
             if m.num_layers % pp:
-                raise ValueError(f"PP {pp} does not divide the {m.num_layers} layers")
+                raise UserError(f"PP {pp} does not divide the {m.num_layers} layers")
         if self.global_batch_size is not None and self.role not in ("ppo", "reinforce"):
             if self.global_batch_size % (self.micro_batch_size * self.dp):
-                raise ValueError(f"--global-batch-size {self.global_batch_size} is not a multiple of "
-                                 f"--micro-batch-size {self.micro_batch_size} x data-parallel size {self.dp}")
+                raise UserError(f"--global-batch-size {self.global_batch_size} is not a multiple of "
+                                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {self.dp}")
 
     def models(self) -> dict[str, ModelConfig]:
         if self.role == "ppo":

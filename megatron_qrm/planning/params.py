@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.config import ModelConfig, padded_vocab_size
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
@@ -93,7 +94,7 @@ def stage_parameters(m: ModelConfig, role: str, tp: int, pp: int, stage: int, lo
     """Per-GPU parameters of one pipeline stage. ``trainable=False`` marks a frozen model (RL reference,
     reward model); otherwise a LoRA model trains its adapters (+ the token head), a full model everything."""
     if m.num_layers % pp:
-        raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide the {m.num_layers} layers")
+        raise UserError(f"--pipeline-model-parallel-size {pp} does not divide the {m.num_layers} layers")
     h = m.hidden_size
     layers = m.num_layers // pp
     vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.data.packing import packed_seq_params, unpack
 from megatron_qrm.models.logits import next_token_nll, real_vocab_size
 from megatron_qrm.rewards.losses import dpo_loss, dpo_token_credits, orm_loss, qrm_loss, token_logprobs_sum
@@ -62,7 +63,7 @@ def pair_loss(cfg: RewardLossConfig, output: torch.Tensor, batch: dict[str, torc
         return qrm_loss(scores, batch["response_mask"], beta=cfg.qrm_beta, gamma=cfg.qrm_gamma)
     if cfg.kind == "orm":
         return orm_loss(scores, batch["response_mask"])
-    raise ValueError(f"unknown --reward-loss {cfg.kind!r}; choose from qrm, orm, dpo")
+    raise UserError(f"unknown --reward-loss {cfg.kind!r}; choose from qrm, orm, dpo")
 
 
 def train_forward_step(cfg: RewardLossConfig):

@@ -108,7 +108,9 @@ def rl_config_from_args(args, algo: str):
                  rollout_engine=args.rollout_engine, vllm=engine_config_from_args(args),
                  rollout_is_correction=args.rollout_is_correction, rollout_is_cap=args.rollout_is_cap)
     if given["rollout_is_correction"] and not given["rollout_is_cap"] > 0:
-        raise ValueError(f"--rollout-is-cap {given['rollout_is_cap']}: must be positive")
+        from megatron_qrm.errors import UserError
+
+        raise UserError(f"--rollout-is-cap {given['rollout_is_cap']}: must be positive")
     if algo != "ppo":
         given["kl_coef"] = 0.0  # REINFORCE (as the paper's): no reference model, no critic
     return options_from_args(RLConfig, args, **given)

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.rl import advantages as adv
 
 
@@ -117,7 +118,7 @@ def estimator_name(algo: str, advantage: Optional[str], reward_kind: str) -> str
         return "reinforce-orm" if reward_kind == "orm" else "reinforce"
     name = advantage or ("qrm" if reward_kind == "qrm" else "gae")
     if name not in PPO_ADVANTAGES:
-        raise ValueError(f"--advantage {name}: choose one of {', '.join(PPO_ADVANTAGES)}")
+        raise UserError(f"--advantage {name}: choose one of {', '.join(PPO_ADVANTAGES)}")
     if name in ("qrm", "qrm-reference") and reward_kind != "qrm":
-        raise ValueError(f"--advantage {name} needs a Q-RM; the reward model is {reward_kind} (use --advantage gae)")
+        raise UserError(f"--advantage {name} needs a Q-RM; the reward model is {reward_kind} (use --advantage gae)")
     return name

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 from megatron.core import parallel_state as ps
+from megatron_qrm.errors import UserError
 from megatron_qrm.models.logits import mask_padded_vocab, next_token_nll  # noqa: F401  (re-exported)
 from megatron_qrm.rl.kl import vocab_parallel_full_kl
 from megatron_qrm.training.engine import run_global_batch, to_device
@@ -274,9 +275,9 @@ def retokenize_for_reward(exp: dict[str, torch.Tensor], actor_tok, rm_tok, rm_pr
     for i in range(n):
         room = max_length - len(rm_prompts[i])
         if room < 1:
-            raise ValueError(f"a prompt (#{int(exp['prompt_index'][i]) if 'prompt_index' in exp else i}) is "
-                             f"{len(rm_prompts[i])} tokens for the reward model's tokenizer, which leaves no room "
-                             f"for a response within {max_length} tokens")
+            raise UserError(f"a prompt (#{int(exp['prompt_index'][i]) if 'prompt_index' in exp else i}) is "
+                            f"{len(rm_prompts[i])} tokens for the reward model's tokenizer, which leaves no room "
+                            f"for a response within {max_length} tokens")
         body = rm_resp[i][:room]
         with_eos = stop[i] and len(body) < room
         seqs.append(list(rm_prompts[i]) + body + ([rm_tok.eos_id] if with_eos else []))

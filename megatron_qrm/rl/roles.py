@@ -11,6 +11,7 @@ import torch
 
 from megatron_qrm import checkpointing
 from megatron_qrm.config import ModelConfig
+from megatron_qrm.errors import UserError
 from megatron_qrm.models import LoRAConfig, PrecisionConfig, build_model
 from megatron_qrm.models.lora import is_lora_param
 from megatron_qrm.rl.config import RLConfig
@@ -66,7 +67,7 @@ def _reward_models(cfg: RLConfig, rm_cfg: Optional[dict], kw: dict) -> tuple[Opt
     if rm_kind != "dpo" or rm_lora.enabled:
         return reward, None
     if not cfg.dpo_reference:
-        raise ValueError("the DPO-RM was fully fine-tuned: pass --reference-checkpoint with its reference model")
+        raise UserError("the DPO-RM was fully fine-tuned: pass --reference-checkpoint with its reference model")
     return reward, _frozen(rm_model_cfg, "policy", cfg.dpo_reference, kw, key_filter=_without_lora)
 
 

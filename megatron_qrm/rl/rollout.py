@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.models import backend
 from megatron_qrm.models.kv_decode import KVCacheDecoder
 from megatron_qrm.options import option
@@ -150,8 +151,8 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, eo
     prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
     too_long = (prompt_lens >= max_length).nonzero().flatten().tolist()
     if too_long:
-        raise ValueError(f"{len(too_long)} prompt(s) (e.g. #{too_long[0]}, {int(prompt_lens[too_long[0]])} tokens) "
-                         f"leave no room to generate within --seq-length {max_length}")
+        raise UserError(f"{len(too_long)} prompt(s) (e.g. #{too_long[0]}, {int(prompt_lens[too_long[0]])} tokens) "
+                        f"leave no room to generate within --seq-length {max_length}")
     longest = int(prompt_lens.max())
     total = int(min(max_length, longest + cfg.max_new_tokens))
     # each row's budget: max_new_tokens, cut where prompt + response would pass max_length

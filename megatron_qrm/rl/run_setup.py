@@ -28,6 +28,7 @@ from megatron_qrm import checkpointing
 from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data import load_tokenizer
 from megatron_qrm.data.tokenizer import Tokenizer, check_tokenizer_identity
+from megatron_qrm.errors import UserError, UserFileNotFoundError
 from megatron_qrm.rl.config import RLConfig
 from megatron_qrm.rl.estimators import estimator_name
 
@@ -74,7 +75,7 @@ class RLRun:
 
 def _read(path: str, what: str) -> dict:
     if not path or checkpointing.resolve_checkpoint(path) is None:
-        raise FileNotFoundError(f"{what} {path!r}: no complete checkpoint there")
+        raise UserFileNotFoundError(f"{what} {path!r}: no complete checkpoint there")
     return checkpointing.read_config(path)
 
 
@@ -88,19 +89,19 @@ def check_optimizer_flags(cfg: RLConfig) -> None:
     cfg.actor_optim.check()
     cfg.critic_optim.check("--critic-lr")
     if cfg.value_clip is not None and not (cfg.value_clip > 0):
-        raise ValueError(f"--value-clip {cfg.value_clip}: must be positive")
+        raise UserError(f"--value-clip {cfg.value_clip}: must be positive")
 
 
 def _check_batches(cfg: RLConfig, dp_size: int) -> None:
     if cfg.rollout_batch_size % dp_size:
-        raise ValueError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by the "
+        raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by the "
                          f"data-parallel size {dp_size}")
     n_seq = cfg.rollout_batch_size * cfg.samples_per_prompt
     if n_seq % cfg.global_batch_size or cfg.global_batch_size % (cfg.micro_batch_size * dp_size):
-        raise ValueError(f"--global-batch-size {cfg.global_batch_size} must divide the rollout "
+        raise UserError(f"--global-batch-size {cfg.global_batch_size} must divide the rollout "
                          f"({n_seq} sequences) and be a multiple of --micro-batch-size x data-parallel size")
     if cfg.pack_sequences and cfg.pack_tokens is not None and cfg.pack_tokens < cfg.prompts.seq_length:
-        raise ValueError(f"--pack-tokens {cfg.pack_tokens} is smaller than --seq-length {cfg.prompts.seq_length} "
+        raise UserError(f"--pack-tokens {cfg.pack_tokens} is smaller than --seq-length {cfg.prompts.seq_length} "
                          "(a rollout row's longest); raise it or leave it unset")
 
 
@@ -108,14 +109,14 @@ def _checkpoints(cfg: RLConfig, rule_based_reward: bool) -> tuple[Optional[str],
     """(resume_dir, initial actor, reward model, load) with ``latest`` resolved once."""
     resume_dir = checkpointing.resolve_checkpoint(os.path.join(cfg.load, "actor")) if cfg.load else None
     if cfg.load and resume_dir is None and cfg.load != cfg.save:
-        raise FileNotFoundError(f"--load {cfg.load}: no RL checkpoint (expected {cfg.load}/actor/latest)")
+        raise UserFileNotFoundError(f"--load {cfg.load}: no RL checkpoint (expected {cfg.load}/actor/latest)")
     if resume_dir is None and not cfg.actor:
-        raise ValueError("--actor-checkpoint (the initial policy) is required")
+        raise UserError("--actor-checkpoint (the initial policy) is required")
     actor = checkpointing.resolve_or_fail(cfg.actor, "--actor-checkpoint") if cfg.actor else None
     reward_model = cfg.reward_model
     if not rule_based_reward:
         if not reward_model:
-            raise ValueError("--reward-model is required")
+            raise UserError("--reward-model is required")
         reward_model = checkpointing.resolve_or_fail(reward_model, "--reward-model")
     return resume_dir, actor, reward_model, (cfg.load if resume_dir else None)
 
@@ -135,7 +136,7 @@ def _reward_tokenizer(cfg: RLConfig, rm_cfg: dict, reward_model: str, tokenizer:
     if _probe_tokenizers_match(tokenizer, other):
         return None
     if not cfg.allow_retokenize:
-        raise ValueError(f"the reward model's tokenizer ({rm_tok}) differs from the actor's ({tok_path}); "
+        raise UserError(f"the reward model's tokenizer ({rm_tok}) differs from the actor's ({tok_path}); "
                          f"its credits would not line up with the actor's tokens. Pass --allow-retokenize to accept it")
     return other
 
@@ -145,7 +146,7 @@ def _critic_init(cfg: RLConfig, rm_cfg: Optional[dict], retokenize: bool) -> str
         return cfg.critic_init
     if cfg.critic_init == "checkpoint":
         if not cfg.critic_checkpoint:
-            raise ValueError("--critic-init checkpoint needs --critic-checkpoint")
+            raise UserError("--critic-init checkpoint needs --critic-checkpoint")
         _read(cfg.critic_checkpoint, "--critic-checkpoint")  # fail before building any model
         return "checkpoint"
     if cfg.critic_init == "reward" and rm_cfg is None:
@@ -170,7 +171,7 @@ def resolve_rl_run(cfg: RLConfig, *, world_size: int, rule_based_reward: bool = 
     if resume_dir and not actor:  # the reference (and an actor-initialised critic) start from it
         actor = actor_cfg.get("rl", {}).get("initial_actor")
         if not actor:
-            raise ValueError(f"--load {cfg.load}: the checkpoint does not record the initial policy; pass "
+            raise UserError(f"--load {cfg.load}: the checkpoint does not record the initial policy; pass "
                              f"--actor-checkpoint")
     rm_cfg = None if rule_based_reward else _read(reward_model, "--reward-model")
     kind = reward_kind if rm_cfg is None else rm_cfg.get("reward_loss", {}).get("kind", "qrm")
@@ -179,7 +180,7 @@ def resolve_rl_run(cfg: RLConfig, *, world_size: int, rule_based_reward: bool = 
 
     tok_path = cfg.tokenizer or actor_cfg.get("tokenizer")
     if not tok_path:
-        raise ValueError("--tokenizer is required: the actor checkpoint does not record one")
+        raise UserError("--tokenizer is required: the actor checkpoint does not record one")
     tokenizer = load_tokenizer(tok_path)
     change = check_tokenizer_identity(actor_cfg, tokenizer, tok_path, checkpoint=actor_source,
                                       allow_change=cfg.allow_tokenizer_change)

@@ -34,7 +34,7 @@ from megatron_qrm.data import PromptDataset
 from megatron_qrm.data.chat import resolve_chat_template
 from megatron_qrm.data.packing import unpack
 from megatron_qrm.data.sampler import GlobalBatchSampler
-from megatron_qrm.errors import NonFiniteError
+from megatron_qrm.errors import NonFiniteError, UserFileNotFoundError
 from megatron_qrm.models import LoRAConfig
 from megatron_qrm.models.lora import lora_disabled
 from megatron_qrm.models.packing_support import unsupported_reason
@@ -143,7 +143,7 @@ class RLTrainer:
         if r.critic is not None:
             critic_dir = os.path.join(self.cfg.load, "critic", checkpointing.iter_dir_name(self.state.iteration))
             if checkpointing.resolve_checkpoint(critic_dir) is None:
-                raise FileNotFoundError(f"--load {self.cfg.load}: critic checkpoint {critic_dir} is missing")
+                raise UserFileNotFoundError(f"--load {self.cfg.load}: critic checkpoint {critic_dir} is missing")
             checkpointing.load_checkpoint(critic_dir, r.critic, optimizer=r.critic_optimizer,
                                           scheduler=r.critic_scheduler, load_rng=False)
 

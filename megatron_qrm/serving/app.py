@@ -26,6 +26,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+from starlette.requests import ClientDisconnect
 
 from megatron_qrm.serving.batcher import DynamicBatcher
 from megatron_qrm.serving.encoding import EncodedItem, ItemTooLong, RequestEncoder, split_query
@@ -270,7 +271,12 @@ def create_app(encoder: RequestEncoder, batcher: DynamicBatcher, metrics: Server
 
 class GuardMiddleware:
     """ASGI middleware (plain, no per-request task or stream: it sits on every request's path): the bearer
-    key check (every path but ``/health``), and the request counters, errors and latency of every answer."""
+    key check (every path but ``/health``), and the request counters, errors and latency of every answer.
+
+    A client that disconnects before its body has arrived (starlette's ``ClientDisconnect``) is not a server
+    error: nothing can be answered, no traceback is logged, and it is counted in
+    ``qrm_client_disconnects_total`` (not as a 500). A request still running when SIGTERM's
+    ``--graceful-timeout`` ends is cancelled by uvicorn: it gets a 503 if nothing was sent yet, no traceback."""
 
     def __init__(self, app, metrics: ServerMetrics, api_key: Optional[str], endpoints: set[str]):
         self.app, self.metrics, self.endpoints = app, metrics, endpoints
@@ -283,13 +289,16 @@ class GuardMiddleware:
         path = scope["path"] if scope["path"] in self.endpoints else "other"
         status = 500
 
+        started = False
+
         async def send_status(message):
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         self.metrics.in_flight.inc()
+        gone = False
         try:
             if self.expected is not None and path != "/health":
                 given = dict(scope["headers"]).get(b"authorization", b"")
@@ -298,6 +307,21 @@ class GuardMiddleware:
                                                "header is required (--api-key)")
                     return await response(scope, receive, send_status)
             await self.app(scope, receive, send_status)
+        except ClientDisconnect:
+            gone = True  # the client hung up mid-body: no one to answer
+        except asyncio.CancelledError:
+            # SIGTERM's --graceful-timeout ended with this request unfinished (e.g. its client stalled
+            # mid-body) and uvicorn cancelled it: answer 503 if nothing was sent yet and end quietly (a
+            # cancellation escaping the app is logged by uvicorn as "Exception in ASGI application")
+            if not started:
+                try:
+                    await _error_response(503, "body", "the server is shutting down (--graceful-timeout ended "
+                                          "before the request was complete)")(scope, receive, send_status)
+                except Exception:  # noqa: BLE001 - the connection may be gone already
+                    status = 503
         finally:
             self.metrics.in_flight.dec()
-            self.metrics.observe_request(path, status, time.perf_counter() - t0)
+            if gone:
+                self.metrics.client_disconnects.labels(path).inc()
+            else:
+                self.metrics.observe_request(path, status, time.perf_counter() - t0)

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.serving.encoding import EncodedItem
 from megatron_qrm.serving.metrics import ServerMetrics
 
@@ -38,6 +39,7 @@ class _Pending:
 
 
 _STOP = object()
+_WAKE = object()  # wakes a batcher waiting for more sequences (after drain())
 
 
 class DynamicBatcher:
@@ -46,15 +48,16 @@ class DynamicBatcher:
     def __init__(self, score_fn: ScoreFn, max_batch_tokens: int, max_wait_ms: float,
                  metrics: Optional[ServerMetrics] = None):
         if max_batch_tokens < 1:
-            raise ValueError(f"--max-batch-tokens must be positive, got {max_batch_tokens}")
+            raise UserError(f"--max-batch-tokens must be positive, got {max_batch_tokens}")
         if max_wait_ms < 0:
-            raise ValueError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
+            raise UserError(f"--max-wait-ms must be >= 0, got {max_wait_ms}")
         self.score_fn = score_fn
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000.0
         self.metrics = metrics
         self._queue: queue.Queue = queue.Queue()
         self._carry: Optional[_Pending] = None
+        self._draining = False
 
     def submit(self, items: Sequence[EncodedItem]) -> list[asyncio.Future]:
         """Queue ``items`` (from the event loop); each future resolves to that item's credits array."""
@@ -68,6 +71,12 @@ class DynamicBatcher:
             self.metrics.queue_depth.set(self._queue.qsize())
         return futures
 
+    def drain(self) -> None:
+        """From now on score what is queued without waiting ``--max-wait-ms`` for more (SIGTERM: the requests
+        in flight are answered as fast as possible, within the server's grace period). Any thread."""
+        self._draining = True
+        self._queue.put(_WAKE)
+
     def stop(self) -> None:
         """Ask :meth:`run` to return once everything queued before this call is scored (any thread)."""
         self._queue.put(_STOP)
@@ -79,14 +88,18 @@ class DynamicBatcher:
         self._carry = None
         if first is _STOP:
             return [], True
+        if first is _WAKE:
+            return [], False
         batch, tokens = [first], first.item.num_tokens
         deadline = first.arrived + self.max_wait
         while tokens < self.max_batch_tokens:
-            wait = deadline - time.monotonic()
+            wait = 0.0 if self._draining else deadline - time.monotonic()
             try:
                 nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            if nxt is _WAKE:
+                continue
             if nxt is _STOP:
                 self._carry = nxt
                 break

@@ -26,6 +26,9 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="dynamic batching: longest wait of a queued sequence for others to join its batch")
     g.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     g.add_argument("--max-items", type=int, default=256, help="more items (or queries) in one request get 413")
+    g.add_argument("--graceful-timeout", type=float, default=10.0,
+                   help="seconds SIGTERM/SIGINT waits for requests in flight (answered work is drained) before the "
+                        "remaining connections, e.g. a client stalled mid-body, are closed and the server exits")
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
                    "(default: $QRM_API_KEY when set; else no check)")
     p.set_defaults(func=run_serve)
@@ -35,15 +38,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
 def run_serve(args) -> int:
     from megatron_qrm.serving.server import ServeConfig, serve
 
-    for flag in ("max_batch_tokens", "max_body_bytes", "max_items"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
-    if not 0 <= args.port < 65536:
-        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    # numeric flags were checked by cli.main (arguments.NUMERIC_FLAG_RULES)
     return serve(ServeConfig(
         load=args.load, tokenizer=args.tokenizer, reference_checkpoint=args.reference_checkpoint,
         parallel=parallel_config_from_args(args), bf16=use_bf16(args), host=args.host, port=args.port,
         max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms, max_body_bytes=args.max_body_bytes,
-        max_items=args.max_items, api_key=args.api_key or os.environ.get("QRM_API_KEY") or None))
+        max_items=args.max_items, api_key=args.api_key or os.environ.get("QRM_API_KEY") or None,
+        graceful_timeout_s=args.graceful_timeout))

@@ -10,7 +10,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class ServerMetrics:
-    """Requests (by endpoint and status), errors, request latency, forward batches (items, tokens,
+    """Requests (by endpoint and status), errors, client disconnects mid-body, request latency, forward batches (items, tokens,
     seconds) and the scored-token throughput. ``tokens/s`` over any window is
     ``rate(qrm_scored_tokens_total[w])``; ``qrm_tokens_per_second`` is that of the last batch."""
 
@@ -32,6 +32,9 @@ class ServerMetrics:
         self.scored_items = Counter("qrm_scored_items", "sequences scored", registry=r)
         self.tokens_per_second = Gauge("qrm_tokens_per_second", "tokens/s of the last dynamic batch", registry=r)
         self.queue_depth = Gauge("qrm_queue_items", "sequences waiting for a batch", registry=r)
+        self.client_disconnects = Counter("qrm_client_disconnects", "requests whose client disconnected before "
+                                          "sending its whole body (not answered, not an error)", ["endpoint"],
+                                          registry=r)
         self.in_flight = Gauge("qrm_requests_in_flight", "requests being answered", registry=r)
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:

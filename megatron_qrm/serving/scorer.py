@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_qrm.errors import UserError
 from megatron_qrm import checkpointing, parallel
 from megatron_qrm.config import ModelConfig, ParallelConfig, check_parallel_layout
 from megatron_qrm.data import load_tokenizer, pad_multiple_for
@@ -87,16 +88,16 @@ class RewardScorer:
         world = dist.get_world_size()
         check_parallel_layout(model_cfg, par, world)
         if world != par.tensor_model_parallel_size * par.pipeline_model_parallel_size:
-            raise ValueError(f"qrm serve runs one model replica: the world size {world} must equal "
-                             f"--tensor-model-parallel-size x --pipeline-model-parallel-size "
-                             f"({par.tensor_model_parallel_size} x {par.pipeline_model_parallel_size}); "
-                             "run one server per replica for data parallelism")
+            raise UserError(f"qrm serve runs one model replica: the world size {world} must equal "
+                            f"--tensor-model-parallel-size x --pipeline-model-parallel-size "
+                            f"({par.tensor_model_parallel_size} x {par.pipeline_model_parallel_size}); "
+                            "run one server per replica for data parallelism")
         if cfg.max_batch_tokens < 1:
-            raise ValueError(f"--max-batch-tokens must be positive, got {cfg.max_batch_tokens}")
+            raise UserError(f"--max-batch-tokens must be positive, got {cfg.max_batch_tokens}")
         self.loss_cfg = RewardLossConfig(**saved.get("reward_loss", {}))
         tokenizer_path = cfg.tokenizer or saved.get("tokenizer")
         if not tokenizer_path:
-            raise ValueError("--tokenizer is required: the checkpoint does not record one")
+            raise UserError("--tokenizer is required: the checkpoint does not record one")
         self.tokenizer = load_tokenizer(tokenizer_path)
         self._check_tokenizer(saved, tokenizer_path)
         self.seq_length = int(saved.get("seq_length") or model_cfg.max_position_embeddings)

@@ -2,8 +2,9 @@
 
 Rank 0: the scorer loads; uvicorn serves on a thread of its own while the main thread runs the dynamic
 batcher (the model stays on the thread that built it). SIGTERM / SIGINT tell uvicorn to stop accepting
-connections and to wait for the requests in flight, whose sequences the batcher keeps scoring; when uvicorn
-has returned, the batcher scores what is still queued, then releases the other ranks.
+connections and to wait for the requests in flight (at most ``--graceful-timeout`` seconds: a client stalled
+mid-body cannot hold the server), whose sequences the batcher keeps scoring without waiting for more; when
+uvicorn has returned, the batcher scores what is still queued, then releases the other ranks.
 The other ranks ignore SIGTERM/SIGINT (torchrun forwards them to every worker) and leave when rank 0
 releases them, so that no collective is cut in half.
 """
@@ -18,6 +19,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megatron_qrm.errors import UserError
 from megatron_qrm.config import ParallelConfig
 
 log = logging.getLogger("megatron_qrm")
@@ -37,7 +39,8 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     max_items: int = 256
     api_key: Optional[str] = None
-    graceful_timeout_s: float = 60.0
+    # SIGTERM: seconds to wait for requests in flight before closing what is left (stalled clients)
+    graceful_timeout_s: float = 10.0
 
 
 def serve(cfg: ServeConfig) -> int:
@@ -83,8 +86,10 @@ def serve(cfg: ServeConfig) -> int:
             batcher.stop()
 
     def request_exit(signum, frame) -> None:
-        log.info("qrm serve: %s: finishing the requests in flight", signal.Signals(signum).name)
+        log.info("qrm serve: %s: finishing the requests in flight (at most --graceful-timeout %g s)",
+                 signal.Signals(signum).name, cfg.graceful_timeout_s)
         server.should_exit = True
+        batcher.drain()  # queued sequences no longer wait --max-wait-ms for company
 
     signal.signal(signal.SIGTERM, request_exit)
     signal.signal(signal.SIGINT, request_exit)
@@ -100,7 +105,7 @@ def serve(cfg: ServeConfig) -> int:
         scorer.stop()
     thread.join()
     if not server.started:
-        raise ValueError(f"--host {cfg.host} --port {cfg.port}: the HTTP server could not start (see above)")
+        raise UserError(f"--host {cfg.host} --port {cfg.port}: the HTTP server could not start (see above)")
     log.info("qrm serve: stopped")
     return 0
 

@@ -17,7 +17,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_qrm.errors import NonFiniteError
+from megatron_qrm.errors import NonFiniteError, UserError
 from megatron_qrm.options import option
 
 log = logging.getLogger("megatron_qrm")
@@ -39,6 +39,10 @@ class OptimConfig:
     clip_grad: float = option(1.0, help="gradient norm clipping (0 disables it)")
     use_distributed_optimizer: bool = True
     bf16: bool = False
+    # on resume, when the schedule flags differ from the checkpoint's (Megatron's flags): the flags win
+    # (override), the checkpoint wins silently (use_checkpoint), or neither: the checkpoint wins with a warning
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
     def check(self, lr_flag: str = "--lr") -> None:
         """Raise ``ValueError`` naming the flag of the first value torch's Adam would reject or overflow on.
@@ -49,7 +53,7 @@ class OptimConfig:
         fp32_max = 3.4028234663852886e38
 
         def bad(flag: str, value, why: str) -> None:
-            raise ValueError(f"{flag} {value}: {why}")
+            raise UserError(f"{flag} {value}: {why}")
 
         for flag, value in ((lr_flag, self.lr), ("--min-lr", self.min_lr), ("--weight-decay", self.weight_decay),
                             ("--clip-grad", self.clip_grad)):
@@ -116,7 +120,12 @@ def build_optimizer(ddp_model, opt: OptimConfig, train_iters: int):
         end_wd=opt.weight_decay,
         wd_incr_steps=max(decay_iters, 1),
         wd_incr_style="constant",
+        override_opt_param_scheduler=opt.override_opt_param_scheduler,
+        use_checkpoint_opt_param_scheduler=not opt.override_opt_param_scheduler,
     )
+    # --use-checkpoint-opt-param-scheduler given: keep the checkpoint's schedule without a warning
+    # (checkpointing.report_schedule_choice)
+    scheduler.qrm_use_checkpoint_flag = opt.use_checkpoint_opt_param_scheduler
     return optimizer, scheduler
 
 
@@ -202,7 +211,7 @@ class NonFiniteGuard:
     def __init__(self, max_consecutive: int = 3, collapse_steps: int = 10, what: str = "step",
                  fault_offset: int = 0) -> None:
         if max_consecutive < 1:
-            raise ValueError(f"--max-nonfinite-steps {max_consecutive}: must be at least 1")
+            raise UserError(f"--max-nonfinite-steps {max_consecutive}: must be at least 1")
         self.max_consecutive = max_consecutive
         self.collapse_steps = collapse_steps
         self.what = what
@@ -239,6 +248,51 @@ class NonFiniteGuard:
                 f"{self.what} {step}: {what}loss or gradients not finite for {self.consecutive} optimizer steps "
                 f"in a row since {self.what} {self.first_bad} ({reason}); stopping without saving (the last "
                 f"checkpoint is untouched). Lower --lr, or raise --max-nonfinite-steps to tolerate more")
+        return False
+
+    def probe_outputs(self, step: int, ddp, forward_step: Callable, microbatch: dict,
+                      metric_names: Iterable[str], final: bool = False) -> bool:
+        """Whether the model as it is now (after ``step``'s update) may be saved: its outputs on ``microbatch``
+        are finite and its weights' scale is sane. Collective (every rank calls it).
+
+        A step's loss is computed before its update: an update to huge but finite weights (``--lr 1e20``)
+        passes every other check, yet the model then scores NaN. Before a checkpoint is written the trainer
+        runs one forward-only pass over a probe micro-batch (this rank's first of the last global batch) and
+        requires every metric sum (loss and scores, summed over ranks) to be finite. One batch can miss it
+        (a model whose weights are ~1e20 still gave finite, saturated scores on the batch it was updated on,
+        and NaN on every other), so the largest weight magnitude must also stay below
+        :func:`~megatron_qrm.checkpointing.weight_overflow_limit` (~2e17 at hidden size 8192): beyond it,
+        products of two weights overflow float32/bfloat16 on ordinary inputs. (A collapsed but finite model, e.g. after ``--lr 1e6``, is saved:
+        its outputs are finite; the collapse is warned about.) Failing either, :attr:`last_loss_finite` becomes False and nothing is saved. RNG states are restored
+        after the probe, so probing changes nothing a resumed run would see. ``final``: the run ends here;
+        such a model then stops it with :class:`~megatron_qrm.errors.NonFiniteError` (exit 3) rather than
+        ending "successfully" without its last checkpoint."""
+        from megatron_qrm import checkpointing
+
+        rng = checkpointing._rng_state()
+        with torch.no_grad():
+            outs = run_global_batch(ddp, forward_step, [microbatch], forward_only=True)
+        checkpointing._set_rng_state(rng)
+        sums = reduce_metric_sums(outs, metric_names)
+        bad = [k for k, v in sums.items() if not math.isfinite(v)]
+        scale = checkpointing.weight_abs_max(ddp)
+        module = ddp.module if hasattr(ddp, "module") else ddp
+        limit = checkpointing.weight_overflow_limit(module.config.hidden_size)
+        why = None
+        if bad:
+            why = f"the model's outputs on a probe batch are not finite ({', '.join(bad)})"
+        elif not scale <= limit:
+            why = (f"its largest weight magnitude is {scale:.3g}, above {limit:.3g}, where products of two weights "
+                   "overflow float32")
+        if why is None:
+            return True
+        self.last_loss_finite = False
+        self.first_bad = step if self.first_bad is None else self.first_bad
+        msg = f"{self.what} {step}: {why}: not saving; the last update diverged"
+        if final:
+            raise NonFiniteError(f"{msg}. The run ends without a checkpoint of it (the last one is untouched). "
+                                 "Lower --lr")
+        log.warning(msg)
         return False
 
     def after_step(self, step: int, grad_norm) -> None:

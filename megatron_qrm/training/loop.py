@@ -64,11 +64,13 @@ def fit(ddp, optimizer, scheduler, *, cfg: LoopConfig, state: checkpointing.Trai
             logger.log(state.iteration, last)
         stop = bool(cfg.exit_interval) and state.iteration % cfg.exit_interval == 0
         if (cfg.save_interval and state.iteration % cfg.save_interval == 0) or stop:
+            guard.probe_outputs(state.iteration, ddp, forward_step, micro[0], metric_names)
             saved_at = _save_unless_diverging(save, guard, state.iteration, saved_at, logger)
         if stop and state.iteration < cfg.train_iters:
             logger.message(f"exit interval reached at iteration {state.iteration}")
             return last
     if saved_at != state.iteration:
+        guard.probe_outputs(state.iteration, ddp, forward_step, micro[0], metric_names, final=True)
         _save_unless_diverging(save, guard, state.iteration, saved_at, logger)
     return last
 

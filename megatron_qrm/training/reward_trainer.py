@@ -24,6 +24,7 @@ from megatron_qrm import checkpointing, parallel
 from megatron_qrm.data import PreferenceDataConfig, PreferenceDataset
 from megatron_qrm.data.packing import check_pack_capacity, plan_microbatches
 from megatron_qrm.data.preference import pair_microbatch
+from megatron_qrm.errors import UserError
 from megatron_qrm.models.packing_support import resolve_shared_prompts
 from megatron_qrm.rewards.scoring import (
     METRIC_NAMES,
@@ -121,14 +122,14 @@ class RewardModelTask(SupervisedTask):
 
     def check_resume(self, cfg, saved) -> None:
         if saved and cfg.load and saved.get("reward_loss", {}).get("kind", self.loss.kind) != self.loss.kind:
-            raise ValueError(f"--load {cfg.load} was trained with --reward-loss {saved['reward_loss']['kind']}, "
+            raise UserError(f"--load {cfg.load} was trained with --reward-loss {saved['reward_loss']['kind']}, "
                              f"not {self.loss.kind}")
 
     def build_dataset(self, cfg, tokenizer, logger) -> PreferenceDataset:
         self.dataset = PreferenceDataset(cfg.data, tokenizer)
         logger.message(f"data {cfg.data.path}: {self.dataset.stats}")
         if len(self.dataset) == 0:
-            raise ValueError(f"--train-data {cfg.data.path}: no usable preference pairs ({self.dataset.stats})")
+            raise UserError(f"--train-data {cfg.data.path}: no usable preference pairs ({self.dataset.stats})")
         return self.dataset
 
     def sample_tokens(self) -> np.ndarray:

@@ -38,6 +38,7 @@ from megatron_qrm.config import ModelConfig, check_parallel_layout
 from megatron_qrm.data.packing import rank_microbatches
 from megatron_qrm.data.preference import pad_multiple_for
 from megatron_qrm.data.sampler import GlobalBatchSampler
+from megatron_qrm.errors import UserFileNotFoundError
 from megatron_qrm.models.lora import is_lora_param
 from megatron_qrm.training.loop import LoopConfig, fit
 from megatron_qrm.training.metrics_log import MetricsLogger
@@ -147,10 +148,10 @@ def check_checkpoint_flags(cfg: SupervisedRunConfig) -> None:
     if cfg.load and checkpointing.resolve_checkpoint(cfg.load):
         return
     if cfg.load and not cfg.pretrained_checkpoint and cfg.load != cfg.save:
-        raise FileNotFoundError(f"--load {cfg.load}: no complete checkpoint there (expected "
+        raise UserFileNotFoundError(f"--load {cfg.load}: no complete checkpoint there (expected "
                                 f"{checkpointing.CONFIG_FILE} in it, or a `latest` file naming one)")
     if cfg.pretrained_checkpoint and not checkpointing.resolve_checkpoint(cfg.pretrained_checkpoint):
-        raise FileNotFoundError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint}: no complete checkpoint "
+        raise UserFileNotFoundError(f"--pretrained-checkpoint {cfg.pretrained_checkpoint}: no complete checkpoint "
                                 f"there (expected {checkpointing.CONFIG_FILE} in it, or a `latest` file "
                                 "naming one)")
 

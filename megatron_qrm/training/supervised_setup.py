@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
+from megatron_qrm.errors import UserError
 from megatron_qrm import checkpointing
 from megatron_qrm.config import ModelConfig
 from megatron_qrm.data import load_tokenizer
@@ -40,11 +41,11 @@ def resolve_model_and_tokenizer(cfg: SupervisedRunConfig) -> tuple[ModelConfig, 
             break
     model_cfg = cfg.model or (ModelConfig.from_dict(saved["model"]) if saved else None)
     if model_cfg is None:
-        raise ValueError("no model size given: pass --model PRESET or --num-layers/--hidden-size/... , "
-                         "or --load / --pretrained-checkpoint a checkpoint that records it")
+        raise UserError("no model size given: pass --model PRESET or --num-layers/--hidden-size/... , "
+                        "or --load / --pretrained-checkpoint a checkpoint that records it")
     tokenizer = cfg.tokenizer or (saved or {}).get("tokenizer")
     if not tokenizer:
-        raise ValueError("--tokenizer is required (HF tokenizer directory or SentencePiece .model)")
+        raise UserError("--tokenizer is required (HF tokenizer directory or SentencePiece .model)")
     return model_cfg, tokenizer, saved, saved_from
 
 
@@ -56,8 +57,8 @@ def load_run_tokenizer(cfg: SupervisedRunConfig, model_cfg: ModelConfig, tokeniz
     if model_cfg.vocab_size == 0:
         model_cfg.vocab_size = tokenizer.vocab_size
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocabulary is {model_cfg.vocab_size} (--vocab-size)")
+        raise UserError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
+                        f"vocabulary is {model_cfg.vocab_size} (--vocab-size)")
     tokenizer_change = None
     if saved:
         tokenizer_change = check_tokenizer_identity(saved, tokenizer, tokenizer_path, checkpoint=saved_from,
