@@ -95,3 +95,42 @@ def test_sampled_rows(engine):
         assert fin == (row[-1] in STOPS)
         assert not (set(row[:-1]) & STOPS)
     assert len({tuple(r) for r in s["rows"][:3]}) > 1  # the n samples of a prompt differ
+
+
+# ----------------------------------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct (tests/test_real_model.py's fixture; skipped when it is unavailable)
+# ----------------------------------------------------------------------------------------------------
+REAL_NEW_TOKENS = 32
+REAL_PROMPTS = ["What is 12 + 30?", "Name a prime number larger than 10.", "Write one word that rhymes with cat."]
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    from megatron_qrm.conversion import import_hf
+    from megatron_qrm.conversion.errors import ConversionError
+    from megatron_qrm.conversion.gguf import smollm2_hf_dir
+    from megatron_qrm.data import load_tokenizer
+
+    try:
+        hf = smollm2_hf_dir()
+    except ConversionError as e:
+        pytest.skip(f"real-model fixture unavailable: {e}")
+    d = tmp_path_factory.mktemp("vllm_real")
+    tok = load_tokenizer(hf)
+    prompts = [tok.encode(tok.render_prompt(q, chat_template=True)[0]) for q in REAL_PROMPTS]
+    meg = import_hf(hf, str(d / "megatron"), show_progress=False)
+    with open(d / "jobs.json", "w") as f:
+        json.dump({"real": {"megatron": meg, "hf": hf, "prompts": prompts, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+                            "max_new_tokens": REAL_NEW_TOKENS}}, f)
+    _run([sys.executable, WORKER, "--jobs", str(d / "jobs.json"), "--out", str(d / "results.json")], 900,
+         {"VLLM_LOGGING_LEVEL": "WARNING"}, True, None)
+    with open(d / "results.json") as f:
+        return json.load(f)["real"]
+
+
+@pytest.mark.real_model
+def test_real_model_greedy_vllm_equals_project_and_hf(real):
+    assert real["vllm"] == real["project"]
+    assert real["vllm"] == real["hf"]
+    assert all(len(r) >= 4 for r in real["vllm"])
+    assert real["logp_diff_max"] < 1e-3  # fp32, 30 layers: vLLM's CPU kernels vs megatron-core's (issue: 3.9e-5)

@@ -30,8 +30,15 @@ def add_rollout_engine_args(parser, *, training: bool = True) -> None:
 
 
 def engine_config_from_args(args):
-    """The vLLM engine settings of the flags above (rl/vllm_engine.VLLMEngineConfig)."""
-    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig
+    """The vLLM engine settings of the flags above (rl/vllm_engine.VLLMEngineConfig); with
+    ``--rollout-engine vllm`` checks first that vLLM is importable (before any model is built)."""
+    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig, vllm_available
+
+    if args.rollout_engine == "vllm" and not vllm_available():
+        raise ValueError("--rollout-engine vllm: vLLM is not installed in this environment; run "
+                         "tools/install_vllm.sh (docs/vllm.md) or use --rollout-engine megatron")
+    if getattr(args, "rollout_is_correction", False) and not args.rollout_is_cap > 0:
+        raise ValueError(f"--rollout-is-cap {args.rollout_is_cap}: must be positive")
 
     return VLLMEngineConfig(kv_cache_gib=args.vllm_kv_cache_gib, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                             enable_prefix_caching=args.vllm_prefix_caching, sleep_level=args.vllm_sleep_level)
@@ -169,8 +176,7 @@ def run_rl(args, algo: str) -> int:
         rollout_engine=args.rollout_engine, vllm=engine_config_from_args(args),
         rollout_is_correction=args.rollout_is_correction, rollout_is_cap=args.rollout_is_cap,
     )
-    if cfg.rollout_is_correction and not cfg.rollout_is_cap > 0:
-        raise ValueError(f"--rollout-is-cap {cfg.rollout_is_cap}: must be positive")
+
     if ppo is False:
         cfg.kl_coef = 0.0  # REINFORCE (as the paper's): no reference model, no critic
     train_rl(cfg)

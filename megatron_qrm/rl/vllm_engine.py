@@ -1,8 +1,9 @@
 """Rollouts on vLLM, refitted in place from the live Megatron policy (``--rollout-engine vllm``).
 
-Colocated and in-process: the engine runs inside the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-vLLM's uniprocess executor), on the rank that is the first of its model-parallel group -- the rank where
-:func:`megatron_qrm.conversion.streaming.iter_hf_weights` lands the gathered weights. Start-up needs no
+Colocated: the engine runs on the rank that is the first of its model-parallel group -- the rank where
+:func:`megatron_qrm.conversion.streaming.iter_hf_weights` lands the gathered weights -- inside the trainer's
+process in a single-process run (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, vLLM's uniprocess executor), in a child
+process of that rank otherwise (see :class:`VLLMEngine`). Start-up needs no
 weights on disk: vLLM builds the model from the exporter's ``config.json`` (written to a temporary
 directory) with ``load_format="dummy"``, and the first :meth:`VLLMEngine.refit` loads the policy.
 
@@ -74,8 +75,13 @@ def vllm_available() -> bool:
     return True
 
 
-def _set_cpu_env(cfg: VLLMEngineConfig) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: refit passes tensors directly
+def _set_env(cfg: VLLMEngineConfig, in_process: bool) -> None:
+    # in-process: the refit hands the worker the streamed tensors themselves. Otherwise vLLM's engine core
+    # runs in a child process (its own torch.distributed world), started with spawn: a fork would inherit
+    # the trainer's process groups and the CPU emulation's torch function mode.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if not in_process:
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
 
@@ -86,19 +92,39 @@ def _reload(worker, weights):
     return True
 
 
+def _reload_file(worker, path):
+    """Runs on the worker of a multiprocess engine: load the safetensors file ``path`` in place (tensors
+    passed as rpc arguments would arrive as nested lists)."""
+    from safetensors import safe_open
+
+    def weights():
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+    worker.model_runner.reload_weights(weights_iterator=weights())
+    return True
+
+
 def _first_param(worker, name):
     """Runs on the worker: a copy of one engine parameter (tests compare it with the trainer's)."""
     return dict(worker.model_runner.get_model().named_parameters())[name].detach().float().cpu().clone()
 
 
 class VLLMEngine:
-    """An in-process vLLM ``LLM`` for one policy. Build it on the rank that owns the engine (the first of
-    the model-parallel group), then :meth:`refit` from the policy before the first :meth:`generate`."""
+    """A vLLM ``LLM`` for one policy. Build it on the rank that owns the engine (the first of the
+    model-parallel group), then :meth:`refit` from the policy before the first :meth:`generate`.
+
+    ``in_process`` (a single-process run): vLLM's uniprocess executor in this process; the refit passes the
+    streamed tensors directly. Otherwise (a multi-process run, whose torch.distributed world vLLM cannot join)
+    the engine core runs in a child process and the refit goes through one safetensors file in shared
+    memory (``/dev/shm``; one copy of the policy in host RAM while it loads)."""
 
     def __init__(self, model_cfg: ModelConfig, *, max_model_len: int, eos_id: int, pad_id: int,
-                 dtype: torch.dtype = torch.float32, cfg: Optional[VLLMEngineConfig] = None):
+                 dtype: torch.dtype = torch.float32, cfg: Optional[VLLMEngineConfig] = None, in_process: bool = True):
         cfg = cfg or VLLMEngineConfig()
-        _set_cpu_env(cfg)
+        _set_env(cfg, in_process)
+        self.in_process = in_process
         from vllm import LLM
 
         from megatron_qrm.conversion.hf_config import DTYPE_JSON
@@ -129,8 +155,20 @@ class VLLMEngine:
         """Load ``(hf_name, tensor)`` pairs (a stream from :func:`iter_hf_weights`) in place, drop the
         prefix cache built from the old weights and record ``version``."""
         self.weight_version = None  # a failure half-way leaves no valid version
-        with _suspend_cpu_emulation():
-            self.llm.collective_rpc(_reload, args=(weights,))
+        if self.in_process:
+            with _suspend_cpu_emulation():
+                self.llm.collective_rpc(_reload, args=(weights,))
+        else:
+            from safetensors.torch import save_file
+
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else self._dir
+            fd, path = tempfile.mkstemp(prefix="qrm_refit_", suffix=".safetensors", dir=shm)
+            os.close(fd)
+            try:
+                save_file({name: t.detach().to("cpu").contiguous() for name, t in weights}, path)
+                self.llm.collective_rpc(_reload_file, args=(path,))
+            finally:
+                os.unlink(path)
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)
 

@@ -215,8 +215,56 @@ def run_engine(job: dict) -> dict:
     return res
 
 
+def run_real(job: dict) -> dict:
+    """SmolLM2-135M-Instruct (an import at ``job['megatron']``, its HF folder ``job['hf']``): vLLM refitted from
+    the Megatron model, greedy on chat prompts, against the project's decoder and transformers' generate;
+    behaviour log-probs against the Megatron recompute."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_qrm import checkpointing, parallel
+    from megatron_qrm.config import ModelConfig, ParallelConfig
+    from megatron_qrm.models import build_model
+    from megatron_qrm.rl.rollout import SamplingConfig, generate
+    from megatron_qrm.rl.rollout_engine import build_rollout_engine
+    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig
+
+    parallel.initialize(ParallelConfig(1, 1))
+    cfg = ModelConfig.from_dict(checkpointing.read_config(job["megatron"])["model"])
+    model = build_model(cfg, "policy")
+    checkpointing.load_checkpoint(job["megatron"], model, load_rng=False)
+    prompts, eos, pad, new = job["prompts"], job["eos_id"], job["pad_id"], job["max_new_tokens"]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=new)
+    max_len = max(map(len, prompts)) + new + 8
+    t0 = time.time()
+    eng = build_rollout_engine("vllm", model, cfg, eos_id=eos, pad_id=pad, vocab_size=cfg.vocab_size,
+                               max_length=max_len, engine_cfg=VLLMEngineConfig(kv_cache_gib=1))
+    res = {"start_and_refit_s": time.time() - t0}
+    r = eng.generate(prompts, greedy, seed=0, max_length=max_len, expected_version=0)
+    res["vllm"] = _responses(r)
+    res["project"] = _responses(generate(model, prompts, greedy, eos_id=eos, pad_id=pad, vocab_size=cfg.vocab_size,
+                                         max_length=max_len, seed=0))
+    with torch.no_grad():
+        logits = model(r.tokens, torch.arange(r.tokens.shape[1]).expand_as(r.tokens), attention_mask=None)
+    lp = logits[..., :cfg.vocab_size].float().log_softmax(-1)[:, :-1].gather(-1, r.tokens[:, 1:, None])[..., 0]
+    m = r.action_mask[:, 1:] > 0
+    res["logp_diff_max"] = float((lp[m] - r.logprobs[:, 1:][m]).abs().max())
+    hf = AutoModelForCausalLM.from_pretrained(job["hf"], dtype=torch.float32).eval()
+    res["hf"] = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            res["hf"].append(ids[0, len(p):].tolist())
+    t0 = time.time()
+    eng.refit(model, 1)
+    res["refit_s"] = time.time() - t0
+    res["params"] = sum(p.numel() for p in model.parameters())
+    return res
+
+
 def main() -> None:
-    run_jobs({"stream": run_stream, "engine": run_engine})
+    run_jobs({"stream": run_stream, "engine": run_engine, "real": run_real})
 
 
 if __name__ == "__main__":
