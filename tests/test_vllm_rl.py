@@ -115,5 +115,7 @@ def test_two_process_layouts_sample_the_same_rollouts(runs, layout):
     response length; rewards equal up to the scoring layout's float differences)."""
     got, want = _metrics(runs["dir"] / layout)[1], _metrics(runs["dir"] / "ppo")[1]
     assert got["train/response_length"] == want["train/response_length"]
-    assert abs(got["train/sequence_score_mean"] - want["train/sequence_score_mean"]) < 1e-4
+    # other tokens would move these by far more (a tiny Q-RM's scores and the policy's entropy differ per token)
+    for key in ("train/sequence_score_mean", "train/token_reward_mean", "train/entropy"):
+        assert abs(got[key] - want[key]) < 1e-5, key
     assert got["train/rollout_logp_diff_max"] < 1e-3
