@@ -10,6 +10,7 @@ imported once to a Megatron checkpoint that the project and vLLM sides load.
     python benchmarks/bench_rollout_engines.py --hf-dir ~/.cache/megatron_qrm/smollm2-135m-instruct-hf \
         --new-tokens 128 --rounds 3 --json bench_engines.json
     python benchmarks/bench_rollout_engines.py --model tiny --new-tokens 8 --rounds 1   # smoke
+    ... --sides vllm --vllm-compiled / --vllm-bf16        # vLLM CPU options (thread binding: VLLM_CPU_OMP_THREADS_BIND)
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def side(args) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=torch.float32).eval()
+        with torch.no_grad():  # warm-up
+            model.generate(torch.tensor([[11, 12, 13]]), max_new_tokens=2, do_sample=False, pad_token_id=0)
         for name, (n, mixed) in BATCHES.items():
             prompts = _prompts(n, mixed, mcfg.vocab_size)
             t, toks = time.perf_counter(), 0
@@ -76,7 +79,9 @@ def side(args) -> dict:
 
         eng = build_rollout_engine("vllm", model, mcfg, eos_id=2, pad_id=0,
                                    vocab_size=mcfg.vocab_size, max_length=args.max_length,
-                                   engine_cfg=VLLMEngineConfig(kv_cache_gib=args.kv_cache_gib))
+                                   engine_cfg=VLLMEngineConfig(kv_cache_gib=args.kv_cache_gib,
+                                                               dtype="bfloat16" if args.vllm_bf16 else "auto",
+                                                               enforce_eager=not args.vllm_compiled))
         t = time.perf_counter()
         eng.refit(model, 1)
         n_params = sum(p.numel() for p in model.parameters())
@@ -87,6 +92,7 @@ def side(args) -> dict:
 
         gen = lambda prompts: generate(model, prompts, cfg, eos_id=2, pad_id=0,  # noqa: E731
                                        vocab_size=mcfg.vocab_size, max_length=args.max_length, seed=0)
+    gen(_prompts(2, True, mcfg.vocab_size, seed=1))  # warm-up (first-call allocations, kernel selection)
     for name, (n, mixed) in BATCHES.items():
         prompts = _prompts(n, mixed, mcfg.vocab_size)
         t, toks = time.perf_counter(), 0
@@ -112,6 +118,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     ap.add_argument("--sides", default="vllm,project,hf")
+    ap.add_argument("--vllm-bf16", action="store_true", help="vLLM in bf16 (slow without AVX512-BF16/AMX)")
+    ap.add_argument("--vllm-compiled", action="store_true", help="vLLM with torch.compile (no enforce_eager)")
     ap.add_argument("--json")
     ap.add_argument("--side", help=argparse.SUPPRESS)
     ap.add_argument("--megatron", help=argparse.SUPPRESS)
@@ -141,7 +149,9 @@ def main(argv=None):
         for s in results:
             p = subprocess.run([sys.executable, __file__, "--side", s, "--megatron", meg, "--hf", hf,
                                 "--new-tokens", str(args.new_tokens), "--kv-cache-gib", str(args.kv_cache_gib),
-                                "--max-length", str(96 + args.new_tokens + 8)],
+                                "--max-length", str(96 + args.new_tokens + 8),
+                                *(["--vllm-bf16"] if args.vllm_bf16 else []),
+                                *(["--vllm-compiled"] if args.vllm_compiled else [])],
                                capture_output=True, text=True, cwd=REPO)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:
