@@ -1,6 +1,7 @@
 """``--rollout-engine vllm`` end to end: PPO and REINFORCE iterations sampling on vLLM, refitted after every
-update, the engine/trainer log-prob mismatch logged, ``--rollout-is-correction``, and a run SIGKILLed after
-its iteration-1 checkpoint that resumes to the uninterrupted run's metrics. Skipped without vLLM.
+update, the engine/trainer log-prob mismatch logged, ``--rollout-is-correction``, a run SIGKILLed after
+its iteration-1 checkpoint that resumes to the uninterrupted run's metrics, and two-process TP=2 / PP=2 runs
+(engine in a child process of rank 0) sampling the TP=1 run's rollouts. Skipped without vLLM.
 
 Models: a policy (``train-rm --reward-loss dpo``) and a Q-RM, 2 layers, hidden 128, 4 heads (head_dim 32:
 vLLM's CPU attention has no kernel for the usual tiny test size's 16).
@@ -77,6 +78,10 @@ def runs(qrm_data, tmp_path_factory):
         out["kill_rc"] = proc.wait()
     out["resumed"] = qrm(["train-ppo", *base, "--train-iters", "2", "--load", str(killed), "--save", str(killed)],
                          env=VENV, timeout=900)
+    # two processes: the engine (a child process of rank 0) samples for the TP=2 / PP=2 policy
+    for name, layout in (("tp2", ["--tensor-model-parallel-size", "2"]), ("pp2", ["--pipeline-model-parallel-size", "2"])):
+        out[name] = qrm(["train-ppo", *base, *layout, "--train-iters", "1", "--save", str(d / name)], nproc=2,
+                        env=VENV, timeout=900)
     return out
 
 
@@ -100,3 +105,17 @@ def test_sigkill_and_resume_matches_uninterrupted(runs):
         keys = sorted(k for k in want[step] if k not in SKIP_KEYS)
         diffs = {k: abs(float(got[step][k]) - float(want[step][k])) for k in keys}
         assert max(diffs.values()) <= 1e-6, (step, {k: v for k, v in diffs.items() if v > 1e-6})
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_two_process_layouts_sample_the_same_rollouts(runs, layout):
+    """At TP=2 / PP=2 the engine on rank 0 is refitted from the gathered shards (bit-identical to TP=1's, see
+    test_vllm_stream.py) and samples with the same seeds: iteration 1's responses are the TP=1 run's (same
+    response length; rewards equal up to the scoring layout's float differences)."""
+    got, want = _metrics(runs["dir"] / layout)[1], _metrics(runs["dir"] / "ppo")[1]
+    assert got["train/response_length"] == want["train/response_length"]
+    # other tokens would move these by far more (a tiny Q-RM's scores and the policy's entropy differ per token)
+    for key in ("train/sequence_score_mean", "train/token_reward_mean", "train/entropy"):
+        assert abs(got[key] - want[key]) < 1e-5, key
+    assert got["train/rollout_logp_diff_max"] < 1e-3

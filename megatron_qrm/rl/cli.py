@@ -52,8 +52,16 @@ def add_rollout_engine_args(parser, *, training: bool = True) -> None:
 
 
 def engine_config_from_args(args):
-    """The vLLM engine settings of the flags above (rl/vllm_engine.VLLMEngineConfig)."""
-    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig
+    """The vLLM engine settings of the flags above (rl/vllm_engine.VLLMEngineConfig); with
+    ``--rollout-engine vllm`` checks first that vLLM is importable (before any model is built)."""
+    from megatron_qrm.errors import UserError
+    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig, vllm_available
+
+    if args.rollout_engine == "vllm" and not vllm_available():
+        raise UserError("--rollout-engine vllm: vLLM is not installed in this environment; run "
+                         "tools/install_vllm.sh (docs/vllm.md) or use --rollout-engine megatron")
+    if getattr(args, "rollout_is_correction", False) and not args.rollout_is_cap > 0:
+        raise UserError(f"--rollout-is-cap {args.rollout_is_cap}: must be positive")
 
     return VLLMEngineConfig(kv_cache_gib=args.vllm_kv_cache_gib, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                             enable_prefix_caching=args.vllm_prefix_caching, sleep_level=args.vllm_sleep_level)
@@ -107,10 +115,6 @@ def rl_config_from_args(args, algo: str):
                  critic_lora=LoRAConfig(rank=getattr(args, "critic_lora_rank", 0)), bf16=bf16,
                  rollout_engine=args.rollout_engine, vllm=engine_config_from_args(args),
                  rollout_is_correction=args.rollout_is_correction, rollout_is_cap=args.rollout_is_cap)
-    if given["rollout_is_correction"] and not given["rollout_is_cap"] > 0:
-        from megatron_qrm.errors import UserError
-
-        raise UserError(f"--rollout-is-cap {given['rollout_is_cap']}: must be positive")
     if algo != "ppo":
         given["kl_coef"] = 0.0  # REINFORCE (as the paper's): no reference model, no critic
     return options_from_args(RLConfig, args, **given)

@@ -14,9 +14,9 @@ in-process vLLM engine (:mod:`megatron_qrm.rl.vllm_engine`) refitted from the po
 :func:`megatron_qrm.conversion.streaming.iter_hf_weights`.
 
 Layout: the vLLM engine lives on the first rank of the policy's model-parallel group (where the streamed
-weights land) and samples for it; the Rollout is broadcast to the other ranks of the group. vLLM's
-in-process engine creates its own torch.distributed groups, which cannot be nested in a multi-process
-run: this version therefore runs vLLM in single-process runs (world size 1) and says so otherwise.
+weights land) and samples for it; the Rollout is broadcast to the other ranks of the group (one engine per
+data-parallel replica). In a single-process run the engine is in-process; in a multi-process run (whose
+torch.distributed world vLLM cannot join) its engine core is a child process of that rank.
 """
 
 from __future__ import annotations
@@ -75,14 +75,11 @@ class VLLMRolloutEngine:
         if not vllm_available():
             raise RuntimeError("--rollout-engine vllm: vLLM is not installed in this environment; run "
                                "tools/install_vllm.sh (see docs/vllm.md) or use --rollout-engine megatron")
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            raise ValueError(f"--rollout-engine vllm runs in single-process runs in this version (this run has "
-                             f"{dist.get_world_size()} processes; vLLM's in-process engine cannot share their "
-                             f"torch.distributed world). Use --rollout-engine megatron, or one process (docs/vllm.md)")
         self.model_cfg = model_cfg
-        self.owner = ps.get_model_parallel_group() is None or dist.get_rank(ps.get_model_parallel_group()) == 0
+        self.owner = dist.get_rank(ps.get_model_parallel_group()) == 0
+        single = dist.get_world_size() == 1  # else the engine core runs in a child process (VLLMEngine)
         self.engine = (VLLMEngine(model_cfg, max_model_len=max_length, eos_id=eos_id, pad_id=pad_id, dtype=dtype,
-                                  cfg=engine_cfg) if self.owner else None)
+                                  cfg=engine_cfg, in_process=single) if self.owner else None)
         self.weight_version: Optional[int] = None
 
     def refit(self, model, version: int) -> None:

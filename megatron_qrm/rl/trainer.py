@@ -396,7 +396,8 @@ class RLTrainer:
             self.state.consumed_samples += cfg.rollout_batch_size
             t3 = time.time()
             self._rollout_engine().refit(r.actor, self.state.iteration)  # the next rollout samples these weights
-            times["refit_s"] = time.time() - t3
+            if cfg.rollout_engine != "megatron":  # (the project's decoder samples the live actor: no copy)
+                times["refit_s"] = time.time() - t3
             stats = self._broadcast_stats(stats)
             tok = max(a["tokens"], 1.0)
             gen_tokens = float(exp["action_mask"].sum()) * self.dp_size

@@ -1,8 +1,9 @@
 """Rollouts on vLLM, refitted in place from the live Megatron policy (``--rollout-engine vllm``).
 
-Colocated and in-process: the engine runs inside the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-vLLM's uniprocess executor), on the rank that is the first of its model-parallel group -- the rank where
-:func:`megatron_qrm.conversion.streaming.iter_hf_weights` lands the gathered weights. Start-up needs no
+Colocated: the engine runs on the rank that is the first of its model-parallel group -- the rank where
+:func:`megatron_qrm.conversion.streaming.iter_hf_weights` lands the gathered weights -- inside the trainer's
+process in a single-process run (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, vLLM's uniprocess executor), in a child
+process of that rank otherwise (see :class:`VLLMEngine`). Start-up needs no
 weights on disk: vLLM builds the model from the exporter's ``config.json`` (written to a temporary
 directory) with ``load_format="dummy"``, and the first :meth:`VLLMEngine.refit` loads the policy.
 
@@ -10,15 +11,15 @@ directory) with ``load_format="dummy"``, and the first :meth:`VLLMEngine.refit` 
   prompts); temperature / top-p / top-k / stop ids / max new tokens / ``n`` map onto vLLM's
   ``SamplingParams``; behaviour log-probs are vLLM's ``raw_logprobs`` of the sampled token, i.e. of the
   untempered model distribution, as :func:`megatron_qrm.rl.rollout.generate` records them;
-* refit: ``collective_rpc`` runs ``model_runner.reload_weights(weights_iterator=...)`` on the (in-process)
-  worker with the streamed ``(hf_name, tensor)`` pairs (the model's own ``load_weights`` cannot be called
+* refit: ``collective_rpc("qrm_reload")`` (:class:`WorkerExtension`) runs
+  ``model_runner.reload_weights(weights_iterator=...)`` on the (in-process) worker with the streamed ``(hf_name, tensor)`` pairs (the model's own ``load_weights`` cannot be called
   directly on CPU: vLLM repacks the weights after loading, which ``reload_weights`` redoes), then
   ``reset_prefix_cache()`` -- without it a prefix-cached prompt keeps the old weights' KV;
 * a weight version: :meth:`refit` records the trainer's version, :meth:`generate` refuses to sample when
   the caller expects another one (a skipped refit fails loudly instead of training on stale samples);
 * GPU only, written but NOT run here (no GPU in this project's CI): ``sleep`` / ``wake_up`` around
   training (:meth:`sleep`, :meth:`wake_for_refit`, :meth:`wake_kv_cache`; on CPU vLLM ignores them) and
-  the separate-GPU NCCL transport (:class:`NCCLWeightSender` / :class:`NCCLWeightReceiver`).
+  the separate-GPU NCCL transport (:class:`NCCLWeightSender` / ``WorkerExtension.qrm_receive_weights``).
 
 vLLM is imported lazily: the project imports and runs without it.
 """
@@ -35,7 +36,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from megatron_qrm.config import ModelConfig
-from megatron_qrm.rl.rollout import Rollout, SamplingConfig, _suspend_cpu_emulation
+from megatron_qrm.models.backend import decode_context
+from megatron_qrm.rl.rollout import Rollout, SamplingConfig
 
 
 class StaleWeightsError(RuntimeError):
@@ -74,31 +76,102 @@ def vllm_available() -> bool:
     return True
 
 
-def _set_cpu_env(cfg: VLLMEngineConfig) -> None:
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: refit passes tensors directly
+def _set_env(cfg: VLLMEngineConfig, in_process: bool) -> None:
+    # in-process: the refit hands the worker the streamed tensors themselves. Otherwise vLLM's engine core
+    # runs in a child process (its own torch.distributed world), started with spawn: a fork would inherit
+    # the trainer's process groups and the CPU emulation's torch function mode.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
+    if not in_process:
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(cfg.kv_cache_gib)))))
 
 
-def _reload(worker, weights):
-    """Runs on the vLLM worker (``collective_rpc``): load ``(hf_name, tensor)`` pairs in place."""
-    worker.model_runner.reload_weights(weights_iterator=weights)
-    return True
+EXTENSION = "megatron_qrm.rl.vllm_engine.WorkerExtension"
 
 
-def _first_param(worker, name):
-    """Runs on the worker: a copy of one engine parameter (tests compare it with the trainer's)."""
-    return dict(worker.model_runner.get_model().named_parameters())[name].detach().float().cpu().clone()
+class WorkerExtension:
+    """Methods vLLM mixes into its worker (``worker_extension_cls``), called by name with ``collective_rpc``
+    (a name, not a pickled function: the multiprocess engine would need insecure serialization for that)."""
+
+    def qrm_reload(self, weights):
+        """In-process engine: load ``(hf_name, tensor)`` pairs in place."""
+        self.model_runner.reload_weights(weights_iterator=weights)
+        self._qrm_retie()
+        return True
+
+    def _qrm_retie(self):
+        """Tied embeddings: the LM head shares ``embed_tokens.weight``, but vLLM's CPU backend computes the logits
+        from a copy it packed after the first load (``layer.cpu_linear``), and the layer-wise reload never
+        re-processes the head (no tensor is loaded under its name): without this, a tied model keeps sampling
+        from the dummy weights (measured on vllm-cpu 0.32.0). Re-run the head's post-load processing."""
+        model = self.model_runner.get_model()
+        config = getattr(model, "config", None)
+        head, inner = getattr(model, "lm_head", None), getattr(model, "model", None)
+        embed = getattr(inner, "embed_tokens", None)
+        if not getattr(config, "tie_word_embeddings", False) or head is None or embed is None:
+            return
+        with torch.no_grad():
+            if head.weight.data_ptr() != embed.weight.data_ptr() and head.weight.shape == embed.weight.shape:
+                head.weight.copy_(embed.weight)
+            method = getattr(head, "quant_method", None)
+            if method is not None and hasattr(head, "cpu_linear"):
+                method.process_weights_after_loading(head)
+
+    def qrm_reload_file(self, path: str):
+        """Multiprocess engine: load the safetensors file ``path`` in place (tensors passed as rpc arguments
+        would arrive as nested lists)."""
+        from safetensors import safe_open
+
+        def weights():
+            with safe_open(path, "pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+
+        self.model_runner.reload_weights(weights_iterator=weights())
+        self._qrm_retie()
+        return True
+
+    def qrm_parameter(self, name: str):
+        """A copy of one engine parameter (vLLM's name; CPU kernels may have repacked it)."""
+        return dict(self.model_runner.get_model().named_parameters())[name].detach().float().cpu().clone()
+
+    # ---- separate GPUs (NOT run here): the trainer broadcasts each HF tensor over a PyNccl group
+    def qrm_init_weight_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=self.rank + rank_offset,
+                                             world_size=world_size)
+        self._qrm_comm = PyNcclCommunicator(group, device=self.device)
+
+    def qrm_receive_weights(self, specs: list):
+        """``specs``: (hf name, dtype name, shape) in the order the trainer broadcasts them (rank 0 = source)."""
+        def stream():
+            for name, dtype, shape in specs:
+                t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+                self._qrm_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
+                torch.cuda.current_stream().synchronize()
+                yield name, t
+
+        self.model_runner.reload_weights(weights_iterator=stream())
+        return True
 
 
 class VLLMEngine:
-    """An in-process vLLM ``LLM`` for one policy. Build it on the rank that owns the engine (the first of
-    the model-parallel group), then :meth:`refit` from the policy before the first :meth:`generate`."""
+    """A vLLM ``LLM`` for one policy. Build it on the rank that owns the engine (the first of the
+    model-parallel group), then :meth:`refit` from the policy before the first :meth:`generate`.
+
+    ``in_process`` (a single-process run): vLLM's uniprocess executor in this process; the refit passes the
+    streamed tensors directly. Otherwise (a multi-process run, whose torch.distributed world vLLM cannot join)
+    the engine core runs in a child process and the refit goes through one safetensors file in shared
+    memory (``/dev/shm``; one copy of the policy in host RAM while it loads)."""
 
     def __init__(self, model_cfg: ModelConfig, *, max_model_len: int, eos_id: int, pad_id: int,
-                 dtype: torch.dtype = torch.float32, cfg: Optional[VLLMEngineConfig] = None):
+                 dtype: torch.dtype = torch.float32, cfg: Optional[VLLMEngineConfig] = None, in_process: bool = True):
         cfg = cfg or VLLMEngineConfig()
-        _set_cpu_env(cfg)
+        _set_env(cfg, in_process)
+        self.in_process = in_process
         from vllm import LLM
 
         from megatron_qrm.conversion.hf_config import DTYPE_JSON
@@ -116,12 +189,13 @@ class VLLMEngine:
                       dtype=DTYPE_JSON[dtype] if cfg.dtype == "auto" else cfg.dtype,
                       enforce_eager=cfg.enforce_eager, max_model_len=max_model_len, seed=cfg.seed,
                       enable_prefix_caching=cfg.enable_prefix_caching, max_num_seqs=cfg.max_num_seqs,
-                      tensor_parallel_size=cfg.tensor_parallel_size, logprobs_mode="raw_logprobs")
+                      tensor_parallel_size=cfg.tensor_parallel_size, logprobs_mode="raw_logprobs",
+                      worker_extension_cls=EXTENSION)
         if cfg.block_size:
             kwargs["block_size"] = cfg.block_size
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization, enable_sleep_mode=cfg.sleep_level > 0)
-        with _suspend_cpu_emulation():  # vLLM's CPU kernels need no CUDA emulation (megatron_qrm.cpu)
+        with decode_context():  # vLLM's CPU kernels need no CUDA emulation (megatron_qrm.cpu)
             self.llm = LLM(**kwargs)
 
     # ---- weights
@@ -129,14 +203,26 @@ class VLLMEngine:
         """Load ``(hf_name, tensor)`` pairs (a stream from :func:`iter_hf_weights`) in place, drop the
         prefix cache built from the old weights and record ``version``."""
         self.weight_version = None  # a failure half-way leaves no valid version
-        with _suspend_cpu_emulation():
-            self.llm.collective_rpc(_reload, args=(weights,))
+        if self.in_process:
+            with decode_context():
+                self.llm.collective_rpc("qrm_reload", args=(weights,))
+        else:
+            from safetensors.torch import save_file
+
+            shm = "/dev/shm" if os.path.isdir("/dev/shm") else self._dir
+            fd, path = tempfile.mkstemp(prefix="qrm_refit_", suffix=".safetensors", dir=shm)
+            os.close(fd)
+            try:
+                save_file({name: t.detach().to("cpu").contiguous() for name, t in weights}, path)
+                self.llm.collective_rpc("qrm_reload_file", args=(path,))
+            finally:
+                os.unlink(path)
         self.llm.reset_prefix_cache()
         self.weight_version = int(version)
 
     def parameter(self, name: str) -> torch.Tensor:
         """One engine parameter by vLLM's name (e.g. ``model.layers.0.self_attn.qkv_proj.weight``)."""
-        return self.llm.collective_rpc(_first_param, args=(name,))[0]
+        return self.llm.collective_rpc("qrm_parameter", args=(name,))[0]
 
     def check_version(self, expected: Optional[int]) -> None:
         if expected is not None and self.weight_version != expected:
@@ -183,7 +269,7 @@ class VLLMEngine:
                                  ignore_eos=True,  # EOS is in stop_token_ids (the config's EOS is not trusted)
                                  logprobs=0, detokenize=False, seed=(seed * 1_000_003 + i) % (2**31))
                   for i, ln in enumerate(lens)]
-        with _suspend_cpu_emulation():
+        with decode_context():
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params,
                                      use_tqdm=False)
         rows = [(i, c) for i, o in enumerate(outs) for c in sorted(o.outputs, key=lambda c: c.index)]
@@ -214,37 +300,18 @@ class VLLMEngine:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Separate GPUs: trainer rank 0 broadcasts each HF tensor to the engine's workers over NCCL.
-# Written against vLLM's StatelessProcessGroup + PyNcclCommunicator (the pattern of vLLM's RLHF example);
-# NOT run in this project (no GPU here). The engine is started with
-# ``worker_extension_cls="megatron_qrm.rl.vllm_engine.NCCLWeightReceiver"``.
+# Separate GPUs: trainer rank 0 broadcasts each HF tensor to the engine's workers over NCCL (the receiving side
+# is WorkerExtension.qrm_init_weight_group / qrm_receive_weights). Written against vLLM's
+# StatelessProcessGroup + PyNcclCommunicator; NOT run in this project (no GPU here).
 # ---------------------------------------------------------------------------------------------------------
-class NCCLWeightReceiver:
-    """vLLM worker extension: joins a weight-update group with the trainer and receives tensors into the
-    model with ``reload_weights``. Methods are called through ``llm.collective_rpc("method", ...)``."""
-
-    def init_weight_update_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        rank = self.rank + rank_offset  # noqa: (self: the vLLM worker this class extends)
-        group = StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank, world_size=world_size)
-        self._qrm_comm = PyNcclCommunicator(group, device=self.device)
-
-    def receive_weights(self, specs: list[tuple[str, str, list[int]]]):
-        """``specs``: (hf name, dtype name, shape) in the order the trainer broadcasts them (rank 0 = source)."""
-        def stream():
-            for name, dtype, shape in specs:
-                t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-                self._qrm_comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
-                torch.cuda.current_stream().synchronize()
-                yield name, t
-        self.model_runner.reload_weights(weights_iterator=stream())
-        return True
-
-
 class NCCLWeightSender:
-    """Trainer side of :class:`NCCLWeightReceiver` (trainer rank 0 = rank 0 of the update group)."""
+    """Trainer side (rank 0 of the update group; the engine's workers are ranks 1..). Usage::
+
+        sender = NCCLWeightSender(addr, port, world_size=1 + engine_tp)
+        llm.collective_rpc("qrm_init_weight_group", args=(addr, port, 1, 1 + engine_tp))  # (async on the engine)
+        specs = [(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in shapes]
+        llm.collective_rpc("qrm_receive_weights", args=(specs,))  # (async) while: sender.send(stream)
+    """
 
     def __init__(self, master_address: str, master_port: int, world_size: int):
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
@@ -254,7 +321,6 @@ class NCCLWeightSender:
         self.comm = PyNcclCommunicator(group, device=torch.cuda.current_device())
 
     def send(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Broadcast tensors in the order of the specs the receiver was given (the same stream)."""
         for _, t in weights:
             self.comm.broadcast(t.contiguous().cuda(), src=0, stream=torch.cuda.current_stream())
         torch.cuda.current_stream().synchronize()

@@ -78,12 +78,13 @@ ENGINE_VOCAB, EOS, PAD, BLOCK = 250, 3, 0, 32
 ENGINE_PROMPT_LENS = (1, 4, 9, 13, 40, 70)
 
 
-def engine_model_config():
+def engine_model_config(tied: bool = False):
     from megatron_qrm.config import ModelConfig
 
-    # head_dim 32: vLLM's CPU attention has no kernel for 16
+    # head_dim 32: vLLM's CPU attention has no kernel for 16. Tied embeddings: the case vLLM's reload gets
+    # wrong without WorkerExtension._qrm_retie
     return ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=256,
-                       vocab_size=ENGINE_VOCAB, max_position_embeddings=256)
+                       vocab_size=ENGINE_VOCAB, max_position_embeddings=256, tie_word_embeddings=tied)
 
 
 def _hf_greedy(weights: dict, cfg, prompts, max_new: int) -> list[list[int]]:
@@ -95,7 +96,9 @@ def _hf_greedy(weights: dict, cfg, prompts, max_new: int) -> list[list[int]]:
 
     hf_cfg = hf_config_for(cfg, torch.float32)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf_cfg)).eval()
-    model.load_state_dict(weights, strict=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if cfg.tie_word_embeddings else set()), missing
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr() or not cfg.tie_word_embeddings
     out = []
     with torch.no_grad():
         for p in prompts:
@@ -133,13 +136,13 @@ def run_engine(job: dict) -> dict:
     from megatron_qrm.models import LoRAConfig, build_model
     from megatron_qrm.rl.rollout import SamplingConfig, generate
     from megatron_qrm.rl.rollout_engine import build_rollout_engine
-    from megatron_qrm.rl.vllm_engine import StaleWeightsError, VLLMEngineConfig, _reload
+    from megatron_qrm.rl.vllm_engine import StaleWeightsError, VLLMEngineConfig
 
     parallel.initialize(ParallelConfig(1, 1, seed=1234))
-    cfg = engine_model_config()
+    cfg = engine_model_config(tied=bool(job.get("tied")))
     model = build_model(cfg, "policy")
-    with torch.no_grad():  # peaked logits: greedy gaps far above float noise
-        model.output_layer.weight.mul_(12.0)
+    with torch.no_grad():  # peaked logits (scale the final norm: the head may be tied): greedy gaps above noise
+        model.decoder.final_layernorm.weight.mul_(12.0)
     g = torch.Generator().manual_seed(5)
     prompts = [[2] + torch.randint(4, ENGINE_VOCAB, (n - 1,), generator=g).tolist() for n in ENGINE_PROMPT_LENS]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=job.get("max_new", 20))
@@ -181,7 +184,7 @@ def run_engine(job: dict) -> dict:
     except StaleWeightsError as e:
         res["stale_error"] = str(e)
     # control: reload WITHOUT resetting the prefix cache (the long prompts' cached blocks are stale)
-    eng.engine.llm.collective_rpc(_reload, args=(iter_hf_weights(model, cfg),))
+    eng.engine.llm.collective_rpc("qrm_reload", args=(iter_hf_weights(model, cfg),))
     res["no_reset"] = _responses(eng.engine.generate(prompts, greedy, seed=0, max_length=max_len))
     t0 = time.time()
     eng.refit(model, 1)
@@ -215,8 +218,56 @@ def run_engine(job: dict) -> dict:
     return res
 
 
+def run_real(job: dict) -> dict:
+    """SmolLM2-135M-Instruct (an import at ``job['megatron']``, its HF folder ``job['hf']``): vLLM refitted from
+    the Megatron model, greedy on chat prompts, against the project's decoder and transformers' generate;
+    behaviour log-probs against the Megatron recompute."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megatron_qrm import checkpointing, parallel
+    from megatron_qrm.config import ModelConfig, ParallelConfig
+    from megatron_qrm.models import build_model
+    from megatron_qrm.rl.rollout import SamplingConfig, generate
+    from megatron_qrm.rl.rollout_engine import build_rollout_engine
+    from megatron_qrm.rl.vllm_engine import VLLMEngineConfig
+
+    parallel.initialize(ParallelConfig(1, 1))
+    cfg = ModelConfig.from_dict(checkpointing.read_config(job["megatron"])["model"])
+    model = build_model(cfg, "policy")
+    checkpointing.load_checkpoint(job["megatron"], model, load_rng=False)
+    prompts, eos, pad, new = job["prompts"], job["eos_id"], job["pad_id"], job["max_new_tokens"]
+    greedy = SamplingConfig(temperature=0.0, max_new_tokens=new)
+    max_len = max(map(len, prompts)) + new + 8
+    t0 = time.time()
+    eng = build_rollout_engine("vllm", model, cfg, eos_id=eos, pad_id=pad, vocab_size=cfg.vocab_size,
+                               max_length=max_len, engine_cfg=VLLMEngineConfig(kv_cache_gib=1))
+    res = {"start_and_refit_s": time.time() - t0}
+    r = eng.generate(prompts, greedy, seed=0, max_length=max_len, expected_version=0)
+    res["vllm"] = _responses(r)
+    res["project"] = _responses(generate(model, prompts, greedy, eos_id=eos, pad_id=pad, vocab_size=cfg.vocab_size,
+                                         max_length=max_len, seed=0))
+    with torch.no_grad():
+        logits = model(r.tokens, torch.arange(r.tokens.shape[1]).expand_as(r.tokens), attention_mask=None)
+    lp = logits[..., :cfg.vocab_size].float().log_softmax(-1)[:, :-1].gather(-1, r.tokens[:, 1:, None])[..., 0]
+    m = r.action_mask[:, 1:] > 0
+    res["logp_diff_max"] = float((lp[m] - r.logprobs[:, 1:][m]).abs().max())
+    hf = AutoModelForCausalLM.from_pretrained(job["hf"], dtype=torch.float32).eval()
+    res["hf"] = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+            res["hf"].append(ids[0, len(p):].tolist())
+    t0 = time.time()
+    eng.refit(model, 1)
+    res["refit_s"] = time.time() - t0
+    res["params"] = sum(p.numel() for p in model.parameters())
+    return res
+
+
 def main() -> None:
-    run_jobs({"stream": run_stream, "engine": run_engine})
+    run_jobs({"stream": run_stream, "engine": run_engine, "real": run_real})
 
 
 if __name__ == "__main__":
