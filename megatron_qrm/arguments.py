@@ -262,16 +262,17 @@ NUMERIC_FLAG_RULES: dict[str, str] = {
         POSITIVE_INT),
     # 0 is meaningful (off / none)
     **dict.fromkeys(("lora_rank", "critic_lora_rank", "reward_lora_rank", "lr_warmup_iters", "samples", "top_k",
-                     "n_test", "n_heldout_prompts", "eval_samples"), NON_NEGATIVE_INT),
+                     "n_test", "n_heldout_prompts", "eval_samples", "vllm_sleep_level"), NON_NEGATIVE_INT),
     # rates and coefficients where 0 means "off"
     **dict.fromkeys(("lr", "min_lr", "critic_lr", "weight_decay", "clip_grad", "entropy_coef", "kl_coef",
                      "value_coef", "qrm_beta", "qrm_gamma", "max_wait_ms", "reserve_gb", "temperature", "sft_lr",
                      "rm_lr", "qrm_lr", "ppo_lr", "reinforce_lr"), NON_NEGATIVE),
     **dict.fromkeys(("adam_eps", "lora_alpha", "norm_epsilon", "rotary_base", "rope_scaling_factor", "gpu_memory_gb",
-                     "dpo_beta", "clip_eps", "value_clip", "graceful_timeout"), POSITIVE),
+                     "dpo_beta", "clip_eps", "value_clip", "graceful_timeout", "rollout_is_cap",
+                     "vllm_kv_cache_gib"), POSITIVE),
     **dict.fromkeys(("adam_beta1", "adam_beta2"), UNIT_OPEN),
     **dict.fromkeys(("gamma", "lam", "flaw_rate"), UNIT_CLOSED),
-    **dict.fromkeys(("top_p", "mfu"), UNIT_POSITIVE),
+    **dict.fromkeys(("top_p", "mfu", "vllm_gpu_memory_utilization"), UNIT_POSITIVE),
     "seed": SEED,
     "port": PORT,
 }

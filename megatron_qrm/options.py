@@ -13,24 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import types
 import typing
-from typing import Any, Callable, Optional
-
-from megatron_qrm.errors import UserError
-
-#: validity rules a field may name (``check=``): (test, what the error says the value must be)
-CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "positive": (lambda v: v > 0 and math.isfinite(v), "a positive number"),
-    "non_negative": (lambda v: v >= 0 and math.isfinite(v), "a finite number >= 0"),
-    "finite": (lambda v: math.isfinite(v), "a finite number"),
-    "probability": (lambda v: 0 < v <= 1, "in (0, 1]"),
-}
+from typing import Any, Optional
 
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: Optional[str] = None,
-           choices: Optional[tuple] = None, deprecated: tuple[str, ...] = (), check: Optional[str] = None,
+           choices: Optional[tuple] = None, deprecated: tuple[str, ...] = (),
            default_factory: Any = dataclasses.MISSING, cli: bool = True,
            algos: Optional[tuple[str, ...]] = None) -> Any:
     """A dataclass field with its command-line flag.
@@ -41,11 +30,10 @@ def option(default: Any = dataclasses.MISSING, *, help: str, flag: Optional[str]
         flag: the flag's spelling when it is not ``--field-name``.
         choices: allowed values.
         deprecated: old spellings still accepted (hidden from ``--help``).
-        check: a rule from :data:`CHECKS` that :func:`options_from_args` applies (``None`` values pass).
         cli: False for a field that has no flag (set by code, e.g. a derived value).
         algos: the RL algorithms whose command offers the flag (None: every command that takes the config).
     """
-    meta = {"help": help, "flag": flag, "choices": choices, "deprecated": deprecated, "check": check, "cli": cli,
+    meta = {"help": help, "flag": flag, "choices": choices, "deprecated": deprecated, "cli": cli,
             "algos": algos}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -121,7 +109,8 @@ def add_options(group: argparse._ActionsContainer, cls: type, *, only: Optional[
 
 def options_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
     """``cls`` built from the parsed flags of its :func:`option` fields (absent ones keep the dataclass
-    default) plus ``given`` (nested configs, fields without flags). Applies each field's ``check``."""
+    default) plus ``given`` (nested configs, fields without flags). The values' ranges are checked before, for
+    every command, by :func:`megatron_qrm.arguments.check_numeric_flags`."""
     values = dict(given)
     for f in cli_fields(cls):
         if f.name in values or not hasattr(args, f.name):
@@ -129,8 +118,5 @@ def options_from_args(cls: type, args: argparse.Namespace, **given: Any) -> Any:
         value = getattr(args, f.name)
         if isinstance(value, str) and typing.get_origin(typing.get_type_hints(cls)[f.name]) is tuple:
             value = _int_tuple(value)
-        rule = f.metadata.get("check")
-        if rule and value is not None and not CHECKS[rule][0](value):
-            raise UserError(f"{_flag(f)} {value}: must be {CHECKS[rule][1]}")
         values[f.name] = value
     return cls(**values)

@@ -31,7 +31,7 @@ class PromptDataConfig:
     chat_template: Optional[bool] = option(False, help="render prompts with the tokenizer's chat template (default: on "
                                                    "when the tokenizer has one, or as the checkpoint records)")
     """Render prompts with the tokenizer's chat template (None: as the checkpoint / tokenizer says)."""
-    seq_length: int = option(1024, check="positive", help="prompt + response tokens")
+    seq_length: int = option(1024, help="prompt + response tokens")
     """Longest prompt + response."""
     min_new_tokens: int = option(1, help="room a prompt must leave for the response", cli=False)
     """Tokens a prompt must leave free within ``seq_length``."""
@@ -39,7 +39,7 @@ class PromptDataConfig:
     """Skip such prompts instead of failing."""
     split: str = option("train", help="split, for a `datasets` source", cli=False)
     """``datasets`` split."""
-    max_prompts: Optional[int] = option(None, check="positive", help="use the first N prompts only")
+    max_prompts: Optional[int] = option(None, help="use the first N prompts only")
     """Prompt subset size."""
 
 

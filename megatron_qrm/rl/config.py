@@ -57,44 +57,44 @@ class RLConfig:
     """TP / PP layout and seed."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """Rollout sampling settings."""
-    rollout_batch_size: int = option(3072, check="positive", help="prompts per iteration (all DP ranks)")
+    rollout_batch_size: int = option(3072, help="prompts per iteration (all DP ranks)")
     """Prompts per iteration, over every data-parallel rank."""
-    samples_per_prompt: int = option(1, check="positive", help="responses sampled per prompt")
+    samples_per_prompt: int = option(1, help="responses sampled per prompt")
     """Responses sampled per prompt."""
-    generation_batch_size: int = option(64, check="positive", help="sequences per generation call per rank")
+    generation_batch_size: int = option(64, help="sequences per generation call per rank")
     """Sequences per ``generate`` call on a rank."""
-    forward_micro_batch_size: int = option(8, check="positive", help="sequences per scoring pass")
+    forward_micro_batch_size: int = option(8, help="sequences per scoring pass")
     """Sequences per forward pass when scoring a rollout."""
-    micro_batch_size: int = option(2, check="positive", help="sequences per update micro-batch")
+    micro_batch_size: int = option(2, help="sequences per update micro-batch")
     """Update: sequences per micro-batch."""
-    global_batch_size: int = option(16, check="positive", help="sequences per optimizer step (all DP ranks)")
+    global_batch_size: int = option(16, help="sequences per optimizer step (all DP ranks)")
     """Update: sequences per optimizer step, over every data-parallel rank."""
-    ppo_epochs: int = option(1, check="positive", help="passes over each rollout")
+    ppo_epochs: int = option(1, help="passes over each rollout")
     """Update passes over each rollout."""
-    train_iters: int = option(12, check="positive", help="RL iterations (rollout + update)")
+    train_iters: int = option(12, help="RL iterations (rollout + update)")
     """RL iterations."""
     advantage: Optional[str] = option(None, choices=("qrm", "qrm-reference", "gae"), algos=PPO,
                                       help="default: qrm for a Q-RM, gae for ORM / DPO-RM")
     """PPO's advantage estimator (:mod:`megatron_qrm.rl.estimators`); resolved per run."""
-    kl_coef: float = option(0.01, check="non_negative", algos=PPO,
+    kl_coef: float = option(0.01, algos=PPO,
                             help="beta of A_t = Z_std - beta*KL - V (REINFORCE: no KL term)")
     """Weight of the per-state KL to the reference. REINFORCE runs have none (0)."""
     kl_estimator: str = option("full", choices=("full", "k1", "k3", "abs"), algos=PPO,
                                help="full: KL of the full next-token distributions (vocab-parallel)")
     """How the per-state KL is computed."""
-    clip_eps: float = option(0.2, check="positive", algos=PPO, help="PPO ratio clipping range")
+    clip_eps: float = option(0.2, algos=PPO, help="PPO ratio clipping range")
     """PPO ratio clipping range."""
-    value_clip: Optional[float] = option(None, check="positive", algos=PPO,
+    value_clip: Optional[float] = option(None, algos=PPO,
                                          help="PPO value clipping range around the rollout-time values "
                                               "(default: none, as the reference)")
     """Value clipping range; None: unclipped."""
-    value_coef: float = option(0.01, check="non_negative", algos=PPO, help="qrm-reference advantage only")
+    value_coef: float = option(0.01, algos=PPO, help="qrm-reference advantage only")
     """c_V of the reference code's advantage."""
-    entropy_coef: float = option(0.0, check="non_negative", help="entropy bonus weight")
+    entropy_coef: float = option(0.0, help="entropy bonus weight")
     """Entropy bonus weight (0: entropy is only logged)."""
-    gamma: float = option(0.9, check="non_negative", algos=PPO, help="GAE discount (gae advantage only)")
+    gamma: float = option(0.9, algos=PPO, help="GAE discount (gae advantage only)")
     """GAE discount."""
-    lam: float = option(0.8, check="non_negative", algos=PPO, help="GAE lambda (gae advantage only)")
+    lam: float = option(0.8, algos=PPO, help="GAE lambda (gae advantage only)")
     """GAE lambda."""
     eos_rescore: bool = option(False, algos=REINFORCE, help="the reference's EOS re-scoring")
     """REINFORCE: re-score each response's last action with its mean credit (the reference's)."""
@@ -110,15 +110,15 @@ class RLConfig:
     """LoRA adapters of the critic (``--critic-lora-rank``)."""
     eval_data: Optional[str] = option(None, help="test prompts with `label` for Pass@1 after iterations")
     """Prompts with gold labels for Pass@1."""
-    eval_interval: int = option(1, check="positive", help="evaluate every N iterations (and at the end)")
+    eval_interval: int = option(1, help="evaluate every N iterations (and at the end)")
     """Evaluate every N iterations."""
-    eval_max_prompts: Optional[int] = option(None, check="positive", help="evaluate on the first N prompts only")
+    eval_max_prompts: Optional[int] = option(None, help="evaluate on the first N prompts only")
     """Evaluation subset size."""
     task: Optional[str] = option(None, help="answer checker: gsm8k | math | a registered task")
     """Answer checker for Pass@1."""
-    save_interval: int = option(1, check="positive", help="checkpoint every N iterations (and at the end)")
+    save_interval: int = option(1, help="checkpoint every N iterations (and at the end)")
     """Checkpoint every N iterations."""
-    log_interval: int = option(1, check="positive", help="log metrics every N iterations (and the last)")
+    log_interval: int = option(1, help="log metrics every N iterations (and the last)")
     """Log every N iterations."""
     log_dir: Optional[str] = option(None, help="metrics.jsonl + TensorBoard (default: --save)")
     """Where metrics go (default: ``save``)."""
@@ -132,7 +132,7 @@ class RLConfig:
     """Move the frozen models (reference, reward) off the GPU between phases."""
     allow_retokenize: bool = option(False, help="accept a reward model whose tokenizer differs from the actor's")
     """Score re-tokenised responses when the reward model's tokenizer differs."""
-    exit_interval: Optional[int] = option(None, check="positive", help="save and exit at this iteration")
+    exit_interval: Optional[int] = option(None, help="save and exit at this iteration")
     """Save and exit at a multiple of this iteration."""
     bf16: bool = option(False, help="bf16 (from --bf16 / --fp32)", cli=False)
     """bf16 parameters and compute (GPU)."""
@@ -142,13 +142,13 @@ class RLConfig:
     local_attention: str = option("auto", choices=("auto", "sdpa", "unfused"),
                                   help="core attention of the local spec (unfused: megatron-core's, for parity checks)")
     """Core attention of the local spec."""
-    max_nonfinite_steps: int = option(3, check="positive",
+    max_nonfinite_steps: int = option(3,
                                       help="update steps with a non-finite loss or gradient are skipped; this many "
                                            "in a row stop the run (exit 3) without saving")
     """Skipped non-finite update steps in a row before the run stops."""
     pack_sequences: bool = option(True, help="pack update micro-batches into THD streams (no compute on padding)")
     """Actor / critic updates on packed sequences (:mod:`megatron_qrm.rl.update_batching`)."""
-    pack_tokens: Optional[int] = option(None, check="positive",
+    pack_tokens: Optional[int] = option(None,
                                         help="tokens per packed update micro-batch (default: --micro-batch-size x "
                                              "the rollout's padded length)")
     """Capacity of a packed update micro-batch."""

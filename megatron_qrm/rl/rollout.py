@@ -43,13 +43,13 @@ __all__ = ["FullRecomputeDecoder", "KVCacheDecoder", "Rollout", "SamplingConfig"
 class SamplingConfig:
     """How rollouts are sampled (``qrm train-ppo`` / ``train-reinforce`` flags of the same names)."""
 
-    temperature: float = option(1.0, check="non_negative", help="sampling temperature (0: greedy)")
+    temperature: float = option(1.0, help="sampling temperature (0: greedy)")
     """Softmax temperature; 0 picks the argmax."""
-    top_p: float = option(1.0, check="probability", help="nucleus sampling mass (1: off)")
+    top_p: float = option(1.0, help="nucleus sampling mass (1: off)")
     """Keep the smallest set of tokens whose probability reaches ``top_p``."""
-    top_k: int = option(0, check="non_negative", help="sample among the k most likely tokens (0: off)")
+    top_k: int = option(0, help="sample among the k most likely tokens (0: off)")
     """Keep the ``top_k`` most likely tokens (0: all)."""
-    max_new_tokens: int = option(512, check="positive", help="response tokens per sample at most")
+    max_new_tokens: int = option(512, help="response tokens per sample at most")
     """Response length limit (also cut where prompt + response would pass ``--seq-length``)."""
     stop_token_ids: tuple[int, ...] = option(default_factory=tuple,
                                              help="comma-separated extra stop ids (EOS always stops)")
