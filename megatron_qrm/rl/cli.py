@@ -69,7 +69,7 @@ def engine_config_from_args(args):
 
 def add_rl_parser(sub, name: str) -> argparse.ArgumentParser:
     """The parser of ``name`` (a key of :data:`COMMANDS`) with every flag of its config."""
-    from megatron_qrm.arguments import add_parallel_args
+    from megatron_qrm.arguments import add_parallel_args, add_scheduler_resume_args
     from megatron_qrm.data import PromptDataConfig
     from megatron_qrm.options import add_options
     from megatron_qrm.rl.config import ACTOR_LR, CRITIC_LR, RL_CLIP_GRAD, RLConfig, SamplingConfig
@@ -93,6 +93,7 @@ def add_rl_parser(sub, name: str) -> argparse.ArgumentParser:
     add_rollout_engine_args(p)
     add_options(groups["training"], OptimConfig, only=("lr", "clip_grad", "weight_decay"),
                 defaults={"lr": ACTOR_LR[algo], "clip_grad": RL_CLIP_GRAD})
+    add_scheduler_resume_args(groups["training"])
     p.set_defaults(func=lambda args: run_rl(args, algo))
     return p
 
@@ -107,8 +108,11 @@ def rl_config_from_args(args, algo: str):
     from megatron_qrm.training.engine import OptimConfig
 
     bf16 = use_bf16(args)
-    actor_optim = options_from_args(OptimConfig, args, bf16=bf16)
-    critic_optim = OptimConfig(lr=getattr(args, "critic_lr", CRITIC_LR), clip_grad=actor_optim.clip_grad, bf16=bf16)
+    on_resume = dict(override_opt_param_scheduler=args.override_opt_param_scheduler,
+                     use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler)
+    actor_optim = options_from_args(OptimConfig, args, bf16=bf16, **on_resume)
+    critic_optim = OptimConfig(lr=getattr(args, "critic_lr", CRITIC_LR), clip_grad=actor_optim.clip_grad, bf16=bf16,
+                               **on_resume)
     given = dict(algo=algo, prompts=options_from_args(PromptDataConfig, args),
                  sampling=options_from_args(SamplingConfig, args), parallel=parallel_config_from_args(args),
                  actor_optim=actor_optim, critic_optim=critic_optim,
