@@ -1,7 +1,7 @@
 """Reward shaping, advantages and returns for PPO / REINFORCE with token-level reward models.
 
-See ``docs/qrm-method.md``: section 0.1 (Algorithm 1, the paper's PPO with Q-RM), 3.5 and 3.8 (what the
-reference code does instead, D1-D4), 3.9 (GAE for the ORM / DPO-RM baselines) and 4 (REINFORCE).
+See ``docs/method.md`` §5 (Algorithm 1, the paper's PPO with Q-RM; REINFORCE) and ``docs/rl.md`` "Differences
+from the reference code" (what the reference code does instead, D1-D4; GAE for the ORM / DPO-RM baselines).
 
 Batch convention
 ----------------
@@ -198,7 +198,7 @@ def qrm_advantages(
     eps: float = 1e-8,
     group: Optional[dist.ProcessGroup] = None,
 ) -> AdvantageOutput:
-    """The paper's Algorithm 1 (section 0.1): advantages without GAE.
+    """The paper's Algorithm 1 (``docs/method.md`` §5 "PPO"): advantages without GAE.
 
         Z_std = (Z - mu) / sigma        (mu, sigma over all action tokens of the batch, population std)
         A_t   = Z_std(s_t, a_t) - kl_coef * KL(s_t) - V(s_t)
@@ -237,7 +237,7 @@ def qrm_reference_advantages(
     eps: float = 1e-8,
     group: Optional[dist.ProcessGroup] = None,
 ) -> AdvantageOutput:
-    """The reference code's Q-RM advantages (section 3.5; differences D1-D4 from Algorithm 1).
+    """The reference code's Q-RM advantages (differences D1-D4 from Algorithm 1: ``docs/rl.md``).
 
         r_t = Z_t / sigma_Z - kl_coef * |logp_old - logp_ref|     (KL subtracted *after* scaling)
         A_t = r_t - value_coef * V_t / sigma_V
@@ -290,7 +290,7 @@ def gae_advantages(
     gamma: float = 0.9,
     lam: float = 0.8,
 ) -> AdvantageOutput:
-    """Generalised advantage estimation over the masked response (section 3.9), vectorised over the batch.
+    """Generalised advantage estimation over the masked response (the baselines' estimator, ``docs/rl.md``), vectorised over the batch.
 
     For action columns ``t`` (``m_t = 1``), computed backwards in time:
 
@@ -362,7 +362,7 @@ def orm_token_rewards(
         action_mask: ``[N, T]`` 0/1.
         last_token_only: put the score on the final action only (EOS, or last kept token), 0 elsewhere;
             ``False`` broadcasts it to every action.
-        normalize: reproduce the reference's ORM scaling (section 3.9): divide by the population std of the
+        normalize: reproduce the reference's ORM scaling (``docs/rl.md``): divide by the population std of the
             score *broadcast to every action token* (so long responses weigh more in sigma), computed before
             zeroing the non-final positions. (Normalising after placing with :func:`normalize_by_std` would
             instead take the std over a mostly-zero matrix.)
@@ -415,7 +415,7 @@ def add_kl_penalty(
     action_mask: torch.Tensor,
     kl_coef: float,
 ) -> torch.Tensor:
-    """``rewards - kl_coef * kl`` on action tokens, 0 elsewhere (reward-side KL shaping, section 3.9).
+    """``rewards - kl_coef * kl`` on action tokens, 0 elsewhere (reward-side KL shaping, as the reference's baselines).
 
     Args:
         rewards: ``[N, T]`` token rewards.
@@ -432,7 +432,7 @@ def add_kl_penalty(
 
 
 # --------------------------------------------------------------------------------------------------
-# REINFORCE returns (section 4)
+# REINFORCE returns (docs/method.md §5 "REINFORCE")
 # --------------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """Per-token KL divergences between the policy and the reference (SFT) model, and the entropy.
 
-See ``docs/qrm-method.md`` section 0.1 step 4 (Algorithm 1 uses the KL between the *full* next-token
-distributions) and section 3.5 / D3 (the reference code uses the absolute log-ratio of the sampled token).
+See ``docs/method.md`` §5 "PPO" (Algorithm 1 uses the KL between the *full* next-token distributions) and
+``docs/rl.md`` "Differences from the reference code" (the reference code uses the absolute log-ratio of the
+sampled token).
 
 Conventions
 -----------
@@ -366,7 +367,7 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 
 def kl_abs(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
-    """Absolute log-ratio ``|logp - logp_ref|`` — the reference code's PPO penalty (section 3.5, D3).
+    """Absolute log-ratio ``|logp - logp_ref|`` — the reference code's PPO penalty (``docs/rl.md``, "Differences from the reference code").
 
     Args:
         logp: ``[N, T]`` policy log-probs of the sampled actions.

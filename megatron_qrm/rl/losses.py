@@ -1,6 +1,6 @@
 """Policy, value, entropy and REINFORCE losses with token-level averaging.
 
-See ``docs/qrm-method.md`` sections 3.6 (actor), 3.7 (critic) and 4 (REINFORCE "vanilla").
+See ``docs/method.md`` §5 (PPO's actor and critic, REINFORCE "vanilla") and ``docs/rl.md``.
 
 Averaging: every loss is ``sum over action tokens of the micro-batch / number of action tokens`` (the
 reference's token-level mean, not a mean of per-sequence means). Each function returns a
@@ -119,7 +119,7 @@ def ppo_policy_loss(
     clip_eps_high: Optional[float] = None,
     token_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """PPO clipped surrogate ``-mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t)`` (section 3.6).
+    """PPO clipped surrogate ``-mean_t min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t)`` (``docs/method.md`` §5).
 
     ``rho_t = exp(logp - logp_old)``. The advantages are used as given (no whitening — the reference does
     none) and detached.
@@ -184,7 +184,7 @@ def value_loss(
     clip_eps: Optional[float] = None,
     values_old: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """Critic MSE ``mean_t (V_t - G_t)^2`` (section 3.7; no 1/2 factor, as the reference).
+    """Critic MSE ``mean_t (V_t - G_t)^2`` (no 1/2 factor, as the reference).
 
     With ``clip_eps`` (and ``values_old``) the PPO value clipping is applied:
     ``max((V - G)^2, (V_old + clip(V - V_old, -eps, eps) - G)^2)``. The reference uses no clipping.
@@ -267,7 +267,7 @@ def reinforce_loss(
     action_mask: torch.Tensor,
     token_weights: Optional[torch.Tensor] = None,
 ) -> LossOutput:
-    """Vanilla REINFORCE (section 4): ``-mean_t G_t * log pi(a_t|s_t)`` over action tokens.
+    """Vanilla REINFORCE (``docs/method.md`` §5): ``-mean_t G_t * log pi(a_t|s_t)`` over action tokens.
 
     No baseline, no ratio, no clipping, no KL — each token's log-prob is weighted by its own return
     (:func:`megatron_qrm.rl.advantages.reinforce_returns_qrm` / ``reinforce_returns_orm``).
