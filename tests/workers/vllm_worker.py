@@ -1,12 +1,14 @@
-"""Worker for tests/test_vllm.py (torchrun, 2 processes, gloo, CPU): the in-memory HF weights of one policy
-at every layout, in ONE launch.
+"""Worker for tests/test_vllm_stream.py and tests/test_vllm.py (job file: tests/workers/job_runner.py).
 
-Job ``stream`` ({dir, lora: bool}): at the first layout (TP=1, data-parallel 2) build a tiny GQA policy
-(4 layers, vocab 250: padded differently at TP 1 and 2), perturb EVERY tensor (norms included; with LoRA
-random adapters B so the merge matters) and save it with dist_checkpointing (``{dir}/ckpt``, the config
-the exporter reads); at each layout (tp1, tp2, pp2) load it and stream
-:func:`megatron_qrm.conversion.streaming.iter_hf_weights`; global rank 0 saves ``{dir}/stream_{layout}.pt``
-(it is the stream's destination at every layout) and checks that no other rank received a tensor.
+``stream`` (torchrun, 2 processes, gloo, CPU): the in-memory HF weights of one policy at every layout, in ONE
+launch. At the first layout (TP=1, data-parallel 2) build a tiny GQA policy (4 layers, vocab 250: padded
+differently at TP 1 and 2), perturb its norms (with LoRA: random adapters B so the merge matters) and save it
+with dist_checkpointing (``{dir}/ckpt``, the config the exporter reads); at each layout (tp1, tp2, pp2) load it
+and stream :func:`megatron_qrm.conversion.streaming.iter_hf_weights`; global rank 0 saves
+``{dir}/stream_{layout}.pt`` and every rank reports how many tensors it received.
+
+``engine`` (one plain process): one in-process vLLM engine through the checks of :func:`run_engine`.
+``real`` (one plain process): SmolLM2-135M-Instruct through vLLM, the project's decoder and transformers.
 """
 
 from __future__ import annotations
