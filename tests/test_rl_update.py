@@ -95,7 +95,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 local = full[..., cols].clone().requires_grad_(True)
                 logp = token_logprobs_rows(local, batch, V_REAL)
                 ent = token_entropy_rows(local, batch, V_REAL, ps.get_tensor_model_parallel_group(), grad=coef > 0)
-                me = SimpleNamespace(cfg=SimpleNamespace(algo=algo, clip_eps=0.2, entropy_coef=coef),
+                me = SimpleNamespace(cfg=SimpleNamespace(algo=algo, clip_eps=0.2, entropy_coef=coef,
+                                                         rollout_is_correction=False),
                                      tokenizer=SimpleNamespace(vocab_size=V_REAL))
                 loss, count, metrics = RLTrainer._actor_loss(me, local, batch)
                 loss.backward()
