@@ -238,6 +238,45 @@ def covering_tokens(actor_ends: list[list[int]], rm_ends: list[list[int]],
     return j, a_len
 
 
+def _actor_rows(exp) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+    """Per row: the prompt ids, the response ids without a final stop token, and whether it had one."""
+    rows = exp["tokens"].tolist()
+    plens, rlens, finished = exp["prompt_lens"].tolist(), exp["response_lens"].tolist(), exp["finished"].tolist()
+    prompts, bodies, stop = [], [], []
+    for row, p, r, done in zip(rows, plens, rlens, finished):
+        ends_with_stop = bool(done) and r > 0  # `finished`: the last generated token is a stop token
+        prompts.append(row[:p])
+        bodies.append(row[p:p + r - 1] if ends_with_stop else row[p:p + r])
+        stop.append(ends_with_stop)
+    return prompts, bodies, stop
+
+
+def _reward_model_rows(rm_tok, rm_prompts: list[list[int]], rm_resp: list[list[int]], stop: list[bool],
+                       max_length: int, prompt_ids: list[int]):
+    """The reward model's rows: its prompt ids, the response cut to ``max_length`` (its end first), and its EOS
+    where the response ended with a stop token and room is left. Returns ``tokens [N, L_rm]`` (right-padded),
+    ``mask [N, L_rm]`` (1 on response tokens), and per row the prompt length, the kept response tokens and the
+    EOS position (-1: none)."""
+    seqs, plens, kept, eos_pos = [], [], [], []
+    for i, (prompt, resp) in enumerate(zip(rm_prompts, rm_resp)):
+        room = max_length - len(prompt)
+        if room < 1:
+            raise UserError(f"a prompt (#{prompt_ids[i]}) is {len(prompt)} tokens for the reward model's tokenizer, "
+                            f"which leaves no room for a response within {max_length} tokens")
+        body = resp[:room]
+        with_eos = stop[i] and len(body) < room
+        seqs.append(list(prompt) + body + ([rm_tok.eos_id] if with_eos else []))
+        plens.append(len(prompt))
+        kept.append(len(body))
+        eos_pos.append(len(prompt) + len(body) if with_eos else -1)
+    tokens = torch.full((len(seqs), max(map(len, seqs))), rm_tok.pad_id, dtype=torch.long)
+    mask = torch.zeros(tokens.shape)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, plens[i]:len(s)] = 1.0
+    return tokens, mask, plens, kept, eos_pos
+
+
 def retokenize_for_reward(exp: dict[str, torch.Tensor], actor_tok, rm_tok, rm_prompts: list[list[int]],
                           max_length: int, window: int = RETOKENIZE_CONTEXT) -> RetokenizedBatch:
     """Map a rollout to a reward model's tokenizer (``--allow-retokenize``).
@@ -252,17 +291,10 @@ def retokenize_for_reward(exp: dict[str, torch.Tensor], actor_tok, rm_tok, rm_pr
     lose the end of the response (EOS first), as in reward-model training; actor tokens past the cut take
     the last kept token's credit.
     """
-    tokens, plens, rlens = exp["tokens"], exp["prompt_lens"].tolist(), exp["response_lens"].tolist()
-    finished = exp["finished"].tolist()
-    n, length = tokens.shape
-    rows = tokens.tolist()
-    bodies, stop = [], []
-    for i in range(n):
-        p, r = plens[i], rlens[i]
-        ends_with_stop = bool(finished[i]) and r > 0  # `finished`: the last generated token is a stop token
-        bodies.append(rows[i][p:p + r - 1] if ends_with_stop else rows[i][p:p + r])
-        stop.append(ends_with_stop)
-    texts, a_chars, a_nonspace = token_text_ends(actor_tok, [rows[i][:plens[i]] for i in range(n)], bodies, window)
+    plens, rlens = exp["prompt_lens"].tolist(), exp["response_lens"].tolist()
+    n, length = exp["tokens"].shape
+    prompts, bodies, stop = _actor_rows(exp)
+    texts, a_chars, a_nonspace = token_text_ends(actor_tok, prompts, bodies, window)
     rm_resp = rm_tok.encode_batch(texts)
     rm_texts, b_chars, b_nonspace = token_text_ends(rm_tok, rm_prompts, rm_resp, window)
     # character positions where the reward model's tokens spell the actor's text exactly (the usual case);
@@ -271,25 +303,10 @@ def retokenize_for_reward(exp: dict[str, torch.Tensor], actor_tok, rm_tok, rm_pr
     actor_ends = [a_chars[i] if by_char[i] else a_nonspace[i] for i in range(n)]
     rm_ends = [b_chars[i] if by_char[i] else b_nonspace[i] for i in range(n)]
 
-    seqs, rm_plens, kept_text, eos_pos = [], [], [], []
-    for i in range(n):
-        room = max_length - len(rm_prompts[i])
-        if room < 1:
-            raise UserError(f"a prompt (#{int(exp['prompt_index'][i]) if 'prompt_index' in exp else i}) is "
-                            f"{len(rm_prompts[i])} tokens for the reward model's tokenizer, which leaves no room "
-                            f"for a response within {max_length} tokens")
-        body = rm_resp[i][:room]
-        with_eos = stop[i] and len(body) < room
-        seqs.append(list(rm_prompts[i]) + body + ([rm_tok.eos_id] if with_eos else []))
-        rm_plens.append(len(rm_prompts[i]))
-        kept_text.append(len(body))
-        eos_pos.append(len(rm_prompts[i]) + len(body) if with_eos else -1)
-    l_rm = max(map(len, seqs))
-    rm_tokens = torch.full((n, l_rm), rm_tok.pad_id, dtype=torch.long)
-    rm_mask = torch.zeros(n, l_rm)
-    for i, s in enumerate(seqs):
-        rm_tokens[i, :len(s)] = torch.as_tensor(s, dtype=torch.long)
-        rm_mask[i, rm_plens[i]:len(s)] = 1.0
+    prompt_ids = exp["prompt_index"].tolist() if "prompt_index" in exp else list(range(n))
+    rm_tokens, rm_mask, rm_plens, kept_text, eos_pos = _reward_model_rows(rm_tok, rm_prompts, rm_resp, stop,
+                                                                        max_length, prompt_ids)
+    l_rm = rm_tokens.shape[1]
 
     j, a_len = covering_tokens(actor_ends, [rm_ends[i][:kept_text[i]] for i in range(n)], by_char)
     ra = j.shape[1]

@@ -137,6 +137,46 @@ class FullRecomputeDecoder:
         return out[torch.arange(b, device=tokens.device), self.lens - 1]  # [B, V/tp]
 
 
+def _layout_prompts(prompts: Sequence[Sequence[int]], prompt_lens: torch.Tensor, pad_id: int,
+                    total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts LEFT-padded to the longest, ``[B, P]`` (the prefill's input), and RIGHT-padded at the start
+    of the output buffer ``[B, total]`` (the responses are written after them)."""
+    bsz, longest = len(prompts), int(prompt_lens.max())
+    flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
+    row = torch.repeat_interleave(torch.arange(bsz), prompt_lens)
+    col = torch.arange(flat.numel()) - torch.repeat_interleave(torch.cumsum(prompt_lens, 0) - prompt_lens, prompt_lens)
+    left = torch.full((bsz, longest), pad_id, dtype=torch.long)
+    left[row, col + (longest - prompt_lens)[row]] = flat
+    tokens = torch.full((bsz, total), pad_id, dtype=torch.long)
+    tokens[row, col] = flat
+    return left, tokens
+
+
+def _next_tokens(logits: Optional[torch.Tensor], cfg: SamplingConfig, vocab_size: int, gen: torch.Generator,
+                 n: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each of the ``n`` rows and its behaviour log-prob, ``[n]`` each: picked on the last
+    pipeline stage from the vocabulary-parallel ``logits`` ``[n, V/tp]``, broadcast to every stage."""
+    if ps.is_pipeline_last_stage():
+        new, logp = select_tokens(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                  vocab_size=vocab_size, generator=gen)
+    else:
+        new = torch.empty(n, dtype=torch.long, device=dev)
+        logp = torch.empty(n, dtype=torch.float32, device=dev)
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
+        dist.broadcast(new, src=src, group=group)
+        dist.broadcast(logp, src=src, group=group)
+    return new, logp
+
+
+def _decoder(model, cfg: SamplingConfig, batch_size: int, columns: int, dev: torch.device):
+    """(decoder, the context its loop runs in): the KV-cache decoder (CPU runs suspend the CUDA emulation's
+    per-op hook there: the loop creates no CUDA tensors), or full recomputation (``use_kv_cache`` False)."""
+    if cfg.use_kv_cache:
+        return KVCacheDecoder(model, batch_size, columns, columns + 1, dev), backend.decode_context()
+    return FullRecomputeDecoder(model, batch_size, columns, dev), contextlib.nullcontext()
+
+
 @torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, eos_id: int, pad_id: int,
              vocab_size: int, max_length: int, seed: int = 0) -> Rollout:
@@ -159,47 +199,24 @@ def generate(model, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *, eo
     budget = torch.clamp(max_length - prompt_lens, max=cfg.max_new_tokens).to(dev)  # [B] >= 1
     steps = int(budget.max())
 
-    # left-padded prompts [B, longest] for the prefill; the output buffer is right-padded [B, total]
-    flat = torch.tensor([t for p in prompts for t in p], dtype=torch.long)
-    row = torch.repeat_interleave(torch.arange(bsz), prompt_lens)
-    col = torch.arange(flat.numel()) - torch.repeat_interleave(torch.cumsum(prompt_lens, 0) - prompt_lens, prompt_lens)
-    left = torch.full((bsz, longest), pad_id, dtype=torch.long)
-    left[row, col + (longest - prompt_lens)[row]] = flat
-    tokens = torch.full((bsz, total), pad_id, dtype=torch.long)
-    tokens[row, col] = flat
+    left, tokens = _layout_prompts(prompts, prompt_lens, pad_id, total)
     tokens, left, prompt_lens_d = tokens.to(dev), left.to(dev), prompt_lens.to(dev)
     logprobs = torch.zeros(bsz, total, dtype=torch.float32, device=dev)
     action = torch.zeros(bsz, total, dtype=torch.float32, device=dev)
     finished = torch.zeros(bsz, dtype=torch.bool, device=dev)
     stops = torch.tensor(sorted({eos_id, *cfg.stop_token_ids}), device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
-    last_stage = ps.is_pipeline_last_stage()
-    multi_stage = ps.get_pipeline_model_parallel_world_size() > 1
 
     was_training = model.training
     model.eval()
-    if cfg.use_kv_cache:
-        decoder = KVCacheDecoder(model, bsz, longest + steps, longest + steps + 1, dev)
-        suspend = backend.decode_context()
-    else:
-        decoder = FullRecomputeDecoder(model, bsz, longest + steps, dev)
-        suspend = contextlib.nullcontext()
+    decoder, suspend = _decoder(model, cfg, bsz, longest + steps, dev)
     rows = torch.arange(bsz, device=dev)  # original index of each row still in the decoder's batch
     alive = torch.ones(bsz, dtype=torch.bool, device=dev)  # per decoder row: still generating
     with suspend:
         logits = decoder.prefill(left, prompt_lens_d)
         for t in range(steps):
             n = rows.numel()
-            if last_stage:
-                new, logp = select_tokens(logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                          vocab_size=vocab_size, generator=gen)
-            else:
-                new = torch.empty(n, dtype=torch.long, device=dev)
-                logp = torch.empty(n, dtype=torch.float32, device=dev)
-            if multi_stage:
-                src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
-                dist.broadcast(new, src=src, group=group)
-                dist.broadcast(logp, src=src, group=group)
+            new, logp = _next_tokens(logits, cfg, vocab_size, gen, n, dev)
             live = rows[alive]
             pos = prompt_lens_d[live] + t
             tokens[live, pos] = new[alive]

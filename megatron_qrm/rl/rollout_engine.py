@@ -25,7 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from megatron_qrm import parallel
 from megatron_qrm.config import ModelConfig
 from megatron_qrm.rl.rollout import Rollout, SamplingConfig, generate
 from megatron_qrm.rl.vllm_engine import StaleWeightsError
@@ -140,3 +142,19 @@ def build_rollout_engine(kind: str, model, model_cfg: ModelConfig, *, eos_id: in
         raise ValueError(f"--rollout-engine {kind!r}: expected one of {', '.join(ENGINES)}")
     eng.refit(model, version)
     return eng
+
+
+def logprob_mismatch(exp) -> dict[str, float]:
+    """Mean and max ``|behaviour log-prob (rollout engine) - recomputed logp_old (trainer)|`` over the response
+    tokens of every data-parallel rank (``exp``: an :class:`~megatron_qrm.rl.batch.Experience`; computed on the
+    last pipeline stage, where ``logp_old`` exists: ``{}`` elsewhere). The training-inference mismatch metric."""
+    if exp.get("logp_old") is None:
+        return {}
+    m = exp["action_mask"] > 0
+    d = (exp["behaviour_logp"] - exp["logp_old"]).abs()[m].double()
+    t = torch.tensor([float(d.sum()), float(m.sum())], dtype=torch.float64)
+    mx = torch.tensor([float(d.max()) if d.numel() else 0.0], dtype=torch.float64)
+    if ps.get_data_parallel_world_size() > 1:
+        parallel.all_reduce_host(t, group=ps.get_data_parallel_group())
+        parallel.all_reduce_host(mx, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
+    return {"rollout_logp_diff_mean": float(t[0] / t[1].clamp(min=1)), "rollout_logp_diff_max": float(mx[0])}

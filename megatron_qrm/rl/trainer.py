@@ -53,6 +53,7 @@ from megatron_qrm.rl.experience import (
 )
 from megatron_qrm.rl.kl import kl_penalty
 from megatron_qrm.rl.roles import build_roles, offload
+from megatron_qrm.rl.rollout_engine import logprob_mismatch
 from megatron_qrm.rl.run_setup import check_optimizer_flags, describe, resolve_rl_run
 from megatron_qrm.rl.update_batching import (
     token_entropy_rows,
@@ -160,20 +161,6 @@ class RLTrainer:
                 max_length=self.cfg.prompts.seq_length, dtype=torch.bfloat16 if self.cfg.bf16 else torch.float32,
                 engine_cfg=self.cfg.vllm, version=self.state.iteration)
         return self._engine
-
-    def _engine_mismatch(self, exp: Experience) -> dict[str, float]:
-        """Mean and max |behaviour log-prob (rollout engine) - recomputed logp_old (trainer)| over response
-        tokens, all data-parallel ranks (last stage computes; broadcast with the other stats)."""
-        if exp.get("logp_old") is None:
-            return {}
-        m = exp["action_mask"] > 0
-        d = (exp["behaviour_logp"] - exp["logp_old"]).abs()[m].double()
-        t = torch.tensor([float(d.sum()), float(m.sum())], dtype=torch.float64)
-        mx = torch.tensor([float(d.max()) if d.numel() else 0.0], dtype=torch.float64)
-        if self.dp_size > 1:
-            parallel.all_reduce_host(t, group=ps.get_data_parallel_group())
-            parallel.all_reduce_host(mx, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group())
-        return {"rollout_logp_diff_mean": float(t[0] / t[1].clamp(min=1)), "rollout_logp_diff_max": float(mx[0])}
 
     def rollout(self) -> Experience:
         cfg = self.cfg
@@ -381,7 +368,7 @@ class RLTrainer:
             t1 = time.time()
             exp = self.score(exp)
             stats = self.advantages(exp)
-            stats.update(self._engine_mismatch(exp))
+            stats.update(logprob_mismatch(exp))
             self._check_finite(exp)
             times["score_s"] = time.time() - t1
             t2 = time.time()
