@@ -50,3 +50,20 @@ def _run(cmd, timeout, env, check, cwd) -> subprocess.CompletedProcess:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- stdout\n"
                              f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-8000:]}")
     return proc
+
+
+def run_cli_driver(tmp, commands: list[dict], timeout: int = 900) -> dict[str, dict]:
+    """Run named ``qrm`` command lines ``{"name", "argv", "env"?, "patch"?, "hash"?}`` one after another in one
+    process (``tests/workers/cli_driver.py``: the patches it knows inject faults); returns ``{name: result}``."""
+    import json
+
+    runs, results = tmp / "runs.json", tmp / "results.json"
+    runs.write_text(json.dumps([{k: ([str(a) for a in v] if k in ("argv", "hash") else v) for k, v in c.items()
+                                 if k != "name"} for c in commands]))
+    driver = os.path.join(REPO, "tests", "workers", "cli_driver.py")
+    proc = subprocess.run([sys.executable, driver, str(runs), str(results)], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    done = json.loads(results.read_text()) if results.exists() else []
+    assert len(done) == len(commands), (f"driver stopped after {len(done)}/{len(commands)} (exit {proc.returncode})\n"
+                                        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return {c["name"]: r for c, r in zip(commands, done)}

@@ -20,7 +20,6 @@ tests use real processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -30,120 +29,11 @@ import time
 
 import pytest
 from conftest import losses
-from launch import REPO, _env, free_port
+from launch import REPO, _env, free_port, run_cli_driver
 
 TRAIN = ["--micro-batch-size", "4", "--global-batch-size", "4", "--no-tensorboard"]
 
-# Runs [{"argv", "env", "patch", "hash"}] (file argv[1]) one after the other through cli.main in this
-# process; writes [{"rc", "stdout", "stderr", "hashes"}] to argv[2]. stderr (fd 2, where user errors are
-# written in one os.write) is redirected per command to a file. Patches simulate faults:
-#   enospc_at_save=N   the N-th checkpoint write fails inside torch's file writer with ENOSPC
-#   latest_moves=NAME  after the command read the checkpoint config, `latest` is rewritten to NAME
-#   prune_after_read   after the command read the checkpoint config, that checkpoint directory is removed
-_DRIVER = r'''
-import contextlib, errno, hashlib, io, json, os, shutil, sys
-
-from megatron_qrm import checkpointing
-from megatron_qrm.cli import main
-
-
-def apply_patch(patch):
-    undo = []
-    if not patch:
-        return undo
-    kind, _, arg = patch.partition("=")
-    if kind == "enospc_at_save":
-        import torch.distributed.checkpoint.filesystem as fs
-
-        count = {"n": 0}
-        real_write, real_item = checkpointing._write_checkpoint, fs._write_item
-
-        def counting_write(*a, **k):
-            count["n"] += 1
-            return real_write(*a, **k)
-
-        def failing_item(*a, **k):
-            if count["n"] == int(arg):
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real_item(*a, **k)
-
-        checkpointing._write_checkpoint, fs._write_item = counting_write, failing_item
-        undo.append(lambda: (setattr(checkpointing, "_write_checkpoint", real_write),
-                             setattr(fs, "_write_item", real_item)))
-    elif kind in ("latest_moves", "prune_after_read"):
-        real = checkpointing.read_config
-
-        def read_then_interfere(path):
-            out = real(path)
-            resolved = checkpointing.resolve_checkpoint(path)
-            save_dir = os.path.dirname(resolved)
-            if kind == "latest_moves":  # a trainer commits another checkpoint meanwhile
-                with open(os.path.join(save_dir, "latest"), "w") as f:
-                    f.write(arg)
-            else:  # a trainer's --keep-last prunes it meanwhile
-                shutil.rmtree(resolved)
-            return out
-
-        checkpointing.read_config = read_then_interfere
-        undo.append(lambda: setattr(checkpointing, "read_config", real))
-    return undo
-
-
-def digest(path):
-    if not os.path.exists(path):
-        return None
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-results = []
-for i, cmd in enumerate(json.load(open(sys.argv[1]))):
-    saved_env = dict(os.environ)
-    os.environ.update(cmd.get("env") or {})
-    undo = apply_patch(cmd.get("patch"))
-    err_path = f"{sys.argv[2]}.{i}.stderr"
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    with open(err_path, "w") as err:
-        os.dup2(err.fileno(), 2)
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            rc = main(cmd["argv"])
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except BaseException:  # a raw exception escaped main(): a failure of what is tested, reported as such
-        import traceback
-
-        traceback.print_exc()
-        rc = "exception"
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        for u in undo:
-            u()
-        os.environ.clear()
-        os.environ.update(saved_env)
-    results.append({"rc": rc, "stdout": out.getvalue(), "stderr": open(err_path).read(),
-                    "hashes": {p: digest(p) for p in cmd.get("hash", [])}})
-    json.dump(results, open(sys.argv[2], "w"))
-'''
-
-
-def _run_driver(tmp, commands: list[dict], timeout: int = 900) -> dict[str, dict]:
-    """Run named commands ``{"name", "argv", "env"?, "patch"?, "hash"?}`` in one process."""
-    driver = tmp / "reliability_driver.py"
-    driver.write_text(_DRIVER)
-    runs, results = tmp / "runs.json", tmp / "results.json"
-    runs.write_text(json.dumps([{k: ([str(a) for a in v] if k in ("argv", "hash") else v) for k, v in c.items()
-                                 if k != "name"} for c in commands]))
-    proc = subprocess.run([sys.executable, str(driver), str(runs), str(results)], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    done = json.loads(results.read_text()) if results.exists() else []
-    assert len(done) == len(commands), (f"driver stopped after {len(done)}/{len(commands)} (exit {proc.returncode})\n"
-                                        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return {c["name"]: r for c, r in zip(commands, done)}
+# Commands run in one process through launch.run_cli_driver (tests/workers/cli_driver.py lists its fault patches).
 
 
 def _latest(save: str) -> str:
@@ -237,7 +127,7 @@ def attacks(qrm_data, tiny_flags, tmp_path_factory):
         {"name": "eval_pruned", "argv": ["eval-rm", "--load", d / "race", "--data", qrm_data.pairs],
          "patch": "prune_after_read"},
     ]
-    return {"dir": d, "small_tok": small_tok, "results": _run_driver(d, commands)}
+    return {"dir": d, "small_tok": small_tok, "results": run_cli_driver(d, commands)}
 
 
 def test_failed_starts_touch_nothing_and_latest_resumes(attacks):
@@ -605,7 +495,7 @@ def rl_attacks(qrm_data, tiny_flags, tmp_path_factory):
         {"name": "reinforce_resume", "argv": ["train-reinforce", *rl, "--lr", "1e-3", "--train-iters", "3",
                                               "--load", d / "rf", "--save", d / "rf"]},
     ]
-    return {"dir": d, "results": _run_driver(d, commands)}
+    return {"dir": d, "results": run_cli_driver(d, commands)}
 
 
 def test_ppo_huge_lr_stops_and_saves_nothing_diverged(rl_attacks, tmp_path):

@@ -34,129 +34,11 @@ import time
 
 import pytest
 from conftest import losses
-from launch import REPO, _env, torchrun
+from launch import REPO, _env, run_cli_driver, torchrun
 
 TRAIN = ["--micro-batch-size", "4", "--global-batch-size", "4", "--no-tensorboard"]
 
-# Runs [{"argv", "env", "patch"}] (file argv[1]) one after the other through cli.main in this process; writes
-# [{"rc", "stdout", "stderr"}] to argv[2]. rc "exception" when an exception escaped main() (its traceback is
-# then in stderr). Patches:
-#   scale_weights_at_save=F  every save multiplies the model's weights by F first (finite, huge weights whose
-#                            outputs are not finite: what the first row's old code saved)
-#   scale_weights_at_save_unchecked=F  the same, with checkpointing's weight-scale check off (an older version)
-#   internal_bug             the trainer raises a plain ValueError (a bug, not a user error)
-#   enospc_under=DIR         opening a file under DIR for writing succeeds but every write fails with ENOSPC
-#                            (used only where a small tmpfs cannot be mounted)
-_DRIVER = r'''
-import builtins, contextlib, errno, io, json, os, sys
-
-from megatron_qrm import checkpointing
-from megatron_qrm.cli import main
-
-
-def apply_patch(patch):
-    undo = []
-    kind, _, arg = (patch or "").partition("=")
-    if kind in ("scale_weights_at_save", "scale_weights_at_save_unchecked"):
-        import torch
-
-        real = checkpointing.save_checkpoint
-        if kind.endswith("_unchecked"):  # as an older version, without the weight-scale check
-            real_limit = checkpointing.weight_overflow_limit
-            checkpointing.weight_overflow_limit = lambda hidden: float("inf")
-            undo.append(lambda: setattr(checkpointing, "weight_overflow_limit", real_limit))
-
-        def scaled(save_dir, iteration, model, *a, **k):
-            with torch.no_grad():
-                for p in model.parameters():
-                    p.mul_(float(arg))
-            return real(save_dir, iteration, model, *a, **k)
-
-        checkpointing.save_checkpoint = scaled
-        undo.append(lambda: setattr(checkpointing, "save_checkpoint", real))
-    elif kind == "internal_bug":
-        from megatron_qrm.training import reward_trainer
-
-        real = reward_trainer.train_reward_model
-
-        def bug(cfg):
-            raise ValueError("an internal invariant broke")
-
-        reward_trainer.train_reward_model = bug
-        undo.append(lambda: setattr(reward_trainer, "train_reward_model", real))
-    elif kind == "enospc_under":
-        real_open, real_fdopen = builtins.open, os.fdopen
-
-        class Full(io.RawIOBase):
-            def writable(self):
-                return True
-
-            def write(self, b):
-                raise OSError(errno.ENOSPC, "No space left on device")
-
-        def wrap(f, name, mode):
-            if any(c in str(mode) for c in "wax+") and os.path.abspath(str(name)).startswith(arg):
-                f.write = Full().write
-            return f
-
-        def fake_open(file, mode="r", *a, **k):
-            return wrap(real_open(file, mode, *a, **k), file, mode)
-
-        def fake_fdopen(fd, mode="r", *a, **k):
-            f = real_fdopen(fd, mode, *a, **k)
-            return wrap(f, os.readlink(f"/proc/self/fd/{fd}"), mode)
-
-        builtins.open, os.fdopen = fake_open, fake_fdopen
-        undo.append(lambda: (setattr(builtins, "open", real_open), setattr(os, "fdopen", real_fdopen)))
-    return undo
-
-
-results = []
-for i, cmd in enumerate(json.load(open(sys.argv[1]))):
-    saved_env = dict(os.environ)
-    os.environ.update(cmd.get("env") or {})
-    undo = apply_patch(cmd.get("patch"))
-    err_path = f"{sys.argv[2]}.{i}.stderr"
-    sys.stderr.flush()
-    saved_fd = os.dup(2)
-    with open(err_path, "w") as err:
-        os.dup2(err.fileno(), 2)
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            rc = main(cmd["argv"])
-    except SystemExit as e:
-        rc = e.code if isinstance(e.code, int) else 1
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-        rc = "exception"
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved_fd, 2)
-        os.close(saved_fd)
-        for u in undo:
-            u()
-        os.environ.clear()
-        os.environ.update(saved_env)
-    results.append({"rc": rc, "stdout": out.getvalue(), "stderr": open(err_path).read()})
-    json.dump(results, open(sys.argv[2], "w"))
-'''
-
-
-def _run_driver(tmp, commands: list[dict], timeout: int = 900) -> dict[str, dict]:
-    driver = tmp / "round2_driver.py"
-    driver.write_text(_DRIVER)
-    runs, results = tmp / "runs.json", tmp / "results.json"
-    runs.write_text(json.dumps([{"argv": [str(a) for a in c["argv"]], "env": c.get("env"), "patch": c.get("patch")}
-                                for c in commands]))
-    proc = subprocess.run([sys.executable, str(driver), str(runs), str(results)], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
-    done = json.loads(results.read_text()) if results.exists() else []
-    assert len(done) == len(commands), (f"driver stopped after {len(done)}/{len(commands)} (exit {proc.returncode})\n"
-                                        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return {c["name"]: r for c, r in zip(commands, done)}
+# Commands run in one process through launch.run_cli_driver (tests/workers/cli_driver.py lists its fault patches).
 
 
 def _error_lines(result: dict, command: str) -> list[str]:
@@ -267,7 +149,7 @@ def attacks(qrm_data, tiny_flags, tmp_path_factory, full_disk):
         # cli: a bug keeps its traceback
         {"name": "internal_bug", "argv": [*rm, "--train-iters", "1"], "patch": "internal_bug"},
     ]
-    results = _run_driver(d, commands)
+    results = run_cli_driver(d, commands)
     return {"dir": d, "results": results, "full_dir": full_dir, "tok_copy": tok_copy}
 
 
