@@ -327,6 +327,16 @@ def planned_peak(args, model_cfg, bf16: bool, impl: str) -> int:
     return estimate(i).per_gpu_bytes
 
 
+def _write_result(result: dict, args) -> bool:
+    """Write ``result`` to ``--output`` (if given) and print it as JSON with ``--json``; True when printed."""
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.json:
+        print(json.dumps(result))
+    return bool(args.json)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -375,12 +385,7 @@ def main(argv=None) -> int:
             "all": run_all(args, model_cfg, bf16, device, peak),
         }
         parallel.destroy()
-        if args.output:
-            with open(args.output, "w") as f:
-                json.dump(result, f, indent=2)
-        if args.json:
-            print(json.dumps(result))
-        else:
+        if not _write_result(result, args):
             print_table(result, args)
         tol = 2e-2 if bf16 else 1e-4
         bad = [i for i, e in result["all"]["specs"].items()
@@ -407,12 +412,7 @@ def main(argv=None) -> int:
         "peak_flops": peak,
     }
     parallel.destroy()
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.json:
-        print(json.dumps(result))
-    else:
+    if not _write_result(result, args):
         r = result
         print(f"{r['device']}; torch {r['torch']}, megatron-core {r['megatron_core']}; {r['model']} ({r['dtype']}, "
               f"{r['layer_spec']} spec){'  [CPU SMOKE: not a GPU measurement]' if args.cpu_smoke else ''}")
