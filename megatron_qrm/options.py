@@ -1,7 +1,7 @@
 """Command-line flags generated from config dataclasses, so that a default and a help text exist once.
 
 A config field declared with :func:`option` carries its flag's help (and, where the field name is not the
-flag's, the flag's spelling, choices, deprecated aliases and validity rule) in ``dataclasses.field``
+flag's, the flag's spelling, choices and deprecated aliases) in ``dataclasses.field``
 metadata. :func:`add_options` turns a dataclass's fields into argparse arguments (types from the
 annotations: ``bool`` -> ``--x/--no-x``, ``Optional[T]`` -> ``T`` or unset, ``tuple[int, ...]`` -> a
 comma-separated list); :func:`options_from_args` reads them back into the dataclass. A flag therefore
@@ -88,6 +88,8 @@ def add_options(group: argparse._ActionsContainer, cls: type, *, only: Optional[
         else:
             default = None
         kw: dict[str, Any] = {"dest": f.name, "help": f.metadata["help"]}
+        if typ is not bool and not f.metadata.get("choices"):  # named after the flag, not the field
+            kw["metavar"] = _flag(f).lstrip("-").replace("-", "_").upper()
         if f.name in required:
             kw["required"] = True
         else:
